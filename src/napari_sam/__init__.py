@@ -1,0 +1,45 @@
+"""napari-sam: Segment Anything for napari, with a checkpoint-compatible PyTorch SAM.
+
+The public API is exported lazily (PEP 562), so ``import napari_sam`` imports neither torch
+nor Qt; ``from napari_sam import SamPredictor`` imports torch on first use.
+
+Same names as the reference ``segment_anything`` package::
+
+    from napari_sam import sam_model_registry, SamPredictor, SamAutomaticMaskGenerator
+    from napari_sam.utils.transforms import ResizeLongestSide
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "sam_model_registry": "napari_sam.build",
+    "build_sam_vit_h": "napari_sam.build",
+    "build_sam_vit_l": "napari_sam.build",
+    "build_sam_vit_b": "napari_sam.build",
+    "build_sam_vit_test": "napari_sam.build",
+    "detect_model_type": "napari_sam.build",
+    "CheckpointError": "napari_sam.build",
+    "SamPredictor": "napari_sam.predictor",
+    "SamAutomaticMaskGenerator": "napari_sam.automatic_mask_generator",
+    "to_rgb_uint8": "napari_sam.utils.image",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'napari_sam' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

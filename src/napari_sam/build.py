@@ -1,0 +1,253 @@
+"""Model registry: build SAM by type and load checkpoints with strict key matching.
+
+``sam_model_registry[name](checkpoint=path)`` works as in the reference for ``default``
+(= ``vit_h``), ``vit_h``, ``vit_l`` and ``vit_b``; ``vit_test`` is a small random-weight
+configuration (same decoder, 2-block 64-wide encoder) for fast tests. Checkpoints load on
+the CPU with ``weights_only=True``; a checkpoint made for another type raises an error that
+names the type it fits, detected from the tensor shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+_logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+PROMPT_EMBED_DIM = 256
+IMAGE_SIZE = 1024
+PATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Shape of a ViT image encoder; everything else in SAM is shared by all types."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+
+
+MODEL_CONFIGS: dict[str, EncoderConfig] = {
+    "vit_h": EncoderConfig(1280, 32, 16, (7, 15, 23, 31)),
+    "vit_l": EncoderConfig(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_b": EncoderConfig(768, 12, 12, (2, 5, 8, 11)),
+    "vit_test": EncoderConfig(64, 2, 2, (1,)),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the requested model."""
+
+
+def build_sam_from_config(config: EncoderConfig) -> Sam:
+    """Build an untrained SAM (in eval mode) with the given image encoder shape."""
+    grid = IMAGE_SIZE // PATCH_SIZE
+    encoder = ImageEncoderViT(
+        depth=config.depth,
+        embed_dim=config.embed_dim,
+        img_size=IMAGE_SIZE,
+        mlp_ratio=4,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        num_heads=config.num_heads,
+        patch_size=PATCH_SIZE,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=config.global_attn_indexes,
+        window_size=14,
+        out_chans=PROMPT_EMBED_DIM,
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=PROMPT_EMBED_DIM,
+        image_embedding_size=(grid, grid),
+        input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+        mask_in_chans=16,
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8),
+        transformer_dim=PROMPT_EMBED_DIM,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    return Sam(image_encoder=encoder, prompt_encoder=prompt_encoder, mask_decoder=decoder).eval()
+
+
+def read_state_dict(checkpoint: PathLike) -> dict[str, torch.Tensor]:
+    """Read a SAM state dict from a file, on the CPU, with ``weights_only=True``.
+
+    Accepts a bare state dict or one stored under a ``"model"`` or ``"state_dict"`` key
+    (common for fine-tuned checkpoints); a ``"module."`` prefix (DataParallel) is removed.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        CheckpointError: the file is not a PyTorch checkpoint holding a SAM state dict.
+    """
+    path = os.fspath(checkpoint)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"SAM checkpoint not found: {path!r} (expected a .pth file).")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt or foreign files
+        raise CheckpointError(
+            f"Could not read {path!r} as a PyTorch checkpoint (torch.load with weights_only=True): {error}"
+        ) from error
+    state = loaded
+    if isinstance(loaded, Mapping):
+        for key in ("model", "state_dict"):
+            if key in loaded and isinstance(loaded[key], Mapping):
+                state = loaded[key]
+                break
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"{path!r} does not hold a state dict (a mapping of names to tensors, bare or under "
+            f"'model' / 'state_dict'); found {type(loaded).__name__}."
+        )
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def detect_model_type(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Tell the registry type of a SAM state dict from its tensor shapes.
+
+    The encoder width comes from ``image_encoder.pos_embed`` (1xGxGxD), the depth from
+    the block indices, and the global-attention blocks from the relative-position table
+    lengths (2G-1 rows for global blocks, 27 for 14x14 windows).
+
+    Returns:
+        "vit_b", "vit_l", "vit_h" or "vit_test".
+
+    Raises:
+        CheckpointError: the state dict is not a SAM model or of no known type.
+    """
+    pos = state_dict.get("image_encoder.pos_embed")
+    if pos is None or pos.ndim != 4:
+        raise CheckpointError(
+            "Not a Segment Anything state dict: no 'image_encoder.pos_embed' tensor of shape 1xGxGxD."
+        )
+    embed_dim = int(pos.shape[-1])
+    blocks = {int(k.split(".")[2]) for k in state_dict if k.startswith("image_encoder.blocks.")}
+    depth = max(blocks) + 1 if blocks else 0
+    global_blocks = tuple(
+        sorted(
+            i
+            for i in blocks
+            if f"image_encoder.blocks.{i}.attn.rel_pos_h" in state_dict
+            and state_dict[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 2 * pos.shape[1] - 1
+        )
+    )
+    for name, config in MODEL_CONFIGS.items():
+        if (config.embed_dim, config.depth, config.global_attn_indexes) == (embed_dim, depth, global_blocks):
+            return name
+    raise CheckpointError(
+        f"Unknown SAM image encoder in checkpoint: embed dim {embed_dim}, {depth} blocks, global attention "
+        f"in blocks {list(global_blocks)}; known types: {', '.join(MODEL_CONFIGS)}."
+    )
+
+
+def load_state_dict_strict(model: Sam, state_dict: Mapping[str, torch.Tensor], model_type: str) -> None:
+    """Load ``state_dict`` into ``model`` with strict key and shape matching.
+
+    Raises:
+        CheckpointError: the state dict fits another type (named in the message) or has
+            missing, unexpected or mis-shaped tensors.
+    """
+    try:
+        fits = detect_model_type(state_dict)
+    except CheckpointError:
+        fits = None
+    if fits is not None and fits != model_type:
+        raise CheckpointError(
+            f"This checkpoint is a {fits} model, not {model_type}: build it with "
+            f"sam_model_registry[{fits!r}] (or napari_sam.build_sam, which detects the type)."
+        )
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
+    if missing or unexpected or wrong:
+        def preview(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+        problems = []
+        if missing:
+            problems.append(f"missing {len(missing)} keys ({preview(missing)})")
+        if unexpected:
+            problems.append(f"unexpected {len(unexpected)} keys ({preview(unexpected)})")
+        if wrong:
+            problems.append(f"wrong shapes for {preview(wrong)}")
+        raise CheckpointError(f"Checkpoint does not fit a {model_type} SAM: " + "; ".join(problems) + ".")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def build_sam_type(model_type: str, checkpoint: Optional[PathLike] = None) -> Sam:
+    """Build a SAM of a registry type, loading ``checkpoint`` (a path) when given.
+
+    Raises:
+        KeyError: unknown ``model_type``.
+        FileNotFoundError, CheckpointError: see :func:`read_state_dict` and
+            :func:`load_state_dict_strict`.
+    """
+    if model_type == "default":
+        model_type = "vit_h"
+    if model_type not in MODEL_CONFIGS:
+        raise KeyError(f"Unknown SAM model type {model_type!r}; expected one of default, {', '.join(MODEL_CONFIGS)}.")
+    state = read_state_dict(checkpoint) if checkpoint is not None else None
+    model = build_sam_from_config(MODEL_CONFIGS[model_type])
+    if state is not None:
+        load_state_dict_strict(model, state, model_type)
+    return model
+
+
+def build_sam_vit_h(checkpoint: Optional[PathLike] = None) -> Sam:
+    """SAM with the ViT-H image encoder (official ``sam_vit_h_4b8939.pth``)."""
+    return build_sam_type("vit_h", checkpoint)
+
+
+def build_sam_vit_l(checkpoint: Optional[PathLike] = None) -> Sam:
+    """SAM with the ViT-L image encoder (official ``sam_vit_l_0b3195.pth``)."""
+    return build_sam_type("vit_l", checkpoint)
+
+
+def build_sam_vit_b(checkpoint: Optional[PathLike] = None) -> Sam:
+    """SAM with the ViT-B image encoder (official ``sam_vit_b_01ec64.pth``)."""
+    return build_sam_type("vit_b", checkpoint)
+
+
+def build_sam_vit_test(checkpoint: Optional[PathLike] = None) -> Sam:
+    """Small SAM for tests: 64-wide, 2-block encoder (one windowed, one global), full decoder."""
+    return build_sam_type("vit_test", checkpoint)
+
+
+sam_model_registry: dict[str, Callable[..., Sam]] = {
+    "default": build_sam_vit_h,
+    "vit_h": build_sam_vit_h,
+    "vit_l": build_sam_vit_l,
+    "vit_b": build_sam_vit_b,
+    "vit_test": build_sam_vit_test,
+}
+
+__all__: list[Any] = [
+    "CheckpointError",
+    "MODEL_CONFIGS",
+    "build_sam_type",
+    "build_sam_vit_b",
+    "build_sam_vit_h",
+    "build_sam_vit_l",
+    "build_sam_vit_test",
+    "detect_model_type",
+    "read_state_dict",
+    "sam_model_registry",
+]

@@ -1,0 +1,367 @@
+"""ViT image encoder of Segment Anything (ViTDet-style backbone).
+
+The image is cut into 16x16 patches (a 64x64 token grid for a 1024x1024 input), passed
+through transformer blocks that alternate windowed attention (14x14 windows) with a few
+global-attention blocks, and projected by a convolutional neck to a 256x64x64 image
+embedding. Attention adds decomposed relative-position terms (MViTv2, Li et al. 2022,
+sec. 4.1; ViTDet, Li et al. 2022). Module and parameter names equal the official
+checkpoint's state-dict keys.
+
+Numerically this module computes what the reference computes, with three rearrangements
+that change only floating-point rounding:
+
+* windowed blocks run the qkv projection on the unpadded token grid and fill the padding
+  with the projection of a zero vector (``qkv.bias``), which is exactly what the reference
+  computes for its zero-padded tokens; the output projection runs after the windows are
+  merged and cropped, so no work is spent on padding tokens;
+* the relative-position terms are summed into one bias that the attention logits are
+  accumulated onto (``baddbmm``) instead of two broadcast additions over the logits;
+* attention over many tokens is evaluated a few heads at a time, which bounds the memory
+  held by the logits (the reference holds ``heads x N x N`` floats at once).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import LayerNorm2d, MLPBlock
+
+# Largest number of attention-logit elements materialised at once (128 MiB in fp32).
+_LOGITS_BUDGET = 1 << 25
+
+
+class ImageEncoderViT(nn.Module):
+    """Vision transformer that maps a normalised, padded image to an image embedding.
+
+    Args:
+        img_size: side of the square input in pixels (1024 for the official models).
+        patch_size: side of a patch in pixels.
+        in_chans: number of input channels.
+        embed_dim: token width D.
+        depth: number of transformer blocks.
+        num_heads: attention heads per block.
+        mlp_ratio: hidden width of the MLP relative to D.
+        out_chans: channels of the image embedding (256).
+        qkv_bias: whether the qkv projection has a bias.
+        norm_layer: token normalisation layer (LayerNorm with eps 1e-6 in SAM).
+        act_layer: MLP activation.
+        use_abs_pos: add a learned absolute position embedding (1 x G x G x D).
+        use_rel_pos: add decomposed relative-position terms to the attention logits.
+        rel_pos_zero_init: initialise the relative-position tables with zeros.
+        window_size: attention window side in tokens for the windowed blocks (0: global).
+        global_attn_indexes: indices of the blocks that attend over the whole grid.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 1024,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        out_chans: int = 256,
+        qkv_bias: bool = True,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        act_layer: type[nn.Module] = nn.GELU,
+        use_abs_pos: bool = True,
+        use_rel_pos: bool = False,
+        rel_pos_zero_init: bool = True,
+        window_size: int = 0,
+        global_attn_indexes: tuple[int, ...] = (),
+    ) -> None:
+        super().__init__()
+        self.img_size = img_size
+        grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(
+            kernel_size=(patch_size, patch_size),
+            stride=(patch_size, patch_size),
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+        )
+        self.pos_embed: Optional[nn.Parameter] = None
+        if use_abs_pos:
+            self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
+        global_set = set(global_attn_indexes)
+        self.blocks = nn.ModuleList(
+            Block(
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                norm_layer=norm_layer,
+                act_layer=act_layer,
+                use_rel_pos=use_rel_pos,
+                rel_pos_zero_init=rel_pos_zero_init,
+                window_size=0 if i in global_set else window_size,
+                input_size=(grid, grid),
+            )
+            for i in range(depth)
+        )
+        self.neck = nn.Sequential(
+            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out_chans),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode images.
+
+        Args:
+            x: Bx3xSxS float tensor, normalised and zero-padded (``Sam.preprocess``), S = img_size.
+
+        Returns:
+            Bx(out_chans)x(S/patch)x(S/patch) image embedding.
+        """
+        x = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.neck(x.permute(0, 3, 1, 2))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with windowed (window_size > 0) or global attention."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        act_layer: type[nn.Module] = nn.GELU,
+        use_rel_pos: bool = False,
+        rel_pos_zero_init: bool = True,
+        window_size: int = 0,
+        input_size: Optional[tuple[int, int]] = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(
+            dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            use_rel_pos=use_rel_pos,
+            rel_pos_zero_init=rel_pos_zero_init,
+            input_size=input_size if window_size == 0 else (window_size, window_size),
+        )
+        self.norm2 = norm_layer(dim)
+        self.mlp = MLPBlock(embedding_dim=dim, mlp_dim=int(dim * mlp_ratio), act=act_layer)
+        self.window_size = window_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: BxHxWxD tokens; returns the same shape."""
+        normed = self.norm1(x)
+        if self.window_size > 0:
+            x = x + self.attn.forward_windowed(normed, self.window_size)
+        else:
+            x = x + self.attn(normed)
+        return x + self.mlp(self.norm2(x))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional decomposed relative-position terms.
+
+    Args:
+        dim: token width.
+        num_heads: number of heads; head width is dim / num_heads.
+        qkv_bias: whether the qkv projection has a bias.
+        use_rel_pos: add relative-position terms (needs ``input_size``).
+        rel_pos_zero_init: zero-initialise the relative-position tables.
+        input_size: token grid (H, W) the tables are sized for: (2H-1) x head_dim rows.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        use_rel_pos: bool = False,
+        rel_pos_zero_init: bool = True,
+        input_size: Optional[tuple[int, int]] = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = use_rel_pos
+        if use_rel_pos:
+            if input_size is None:
+                raise ValueError("Relative positional terms need input_size=(H, W) of the token grid.")
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
+            if not rel_pos_zero_init:
+                nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
+                nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention over the whole grid. x: BxHxWxD; returns BxHxWxD."""
+        batch, height, width, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, height * width, 3 * dim)
+        out = self._attend(qkv, (height, width))
+        return self.proj(out).reshape(batch, height, width, dim)
+
+    def forward_windowed(self, x: torch.Tensor, window: int) -> torch.Tensor:
+        """Attention inside non-overlapping window x window tiles.
+
+        The grid is padded at the bottom/right to a multiple of ``window``; as in the
+        reference, padding tokens are zero vectors that take part in the attention
+        unmasked. Their qkv projection is ``qkv.bias``, which is what fills the padding
+        here, so the projection itself runs on the unpadded grid.
+
+        Args:
+            x: BxHxWxD normalised tokens.
+            window: window side in tokens.
+
+        Returns:
+            BxHxWxD attention output (after the output projection).
+        """
+        batch, height, width, dim = x.shape
+        qkv = self.qkv(x)
+        pad_h = (window - height % window) % window
+        pad_w = (window - width % window) % window
+        if pad_h or pad_w:
+            padded = qkv.new_empty(batch, height + pad_h, width + pad_w, 3 * dim)
+            if self.qkv.bias is None:
+                padded.zero_()
+            else:
+                padded.copy_(self.qkv.bias.expand_as(padded))
+            padded[:, :height, :width] = qkv
+            qkv = padded
+        rows, cols = (height + pad_h) // window, (width + pad_w) // window
+        tiles = (
+            qkv.view(batch, rows, window, cols, window, 3 * dim)
+            .permute(0, 1, 3, 2, 4, 5)
+            .reshape(batch * rows * cols, window * window, 3 * dim)
+        )
+        out = self._attend(tiles, (window, window))
+        out = (
+            out.view(batch, rows, cols, window, window, dim)
+            .permute(0, 1, 3, 2, 4, 5)
+            .reshape(batch, rows * window, cols * window, dim)
+        )
+        if pad_h or pad_w:
+            out = out[:, :height, :width]
+        return self.proj(out)
+
+    def _attend(self, qkv: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Scaled dot-product attention of projected tokens.
+
+        Args:
+            qkv: BxNx3D projected tokens of an HxW grid (N = H*W), q/k/v concatenated.
+            grid: (H, W).
+
+        Returns:
+            BxNxD attention output before the output projection.
+        """
+        batch, tokens, three_dim = qkv.shape
+        dim = three_dim // 3
+        heads = self.num_heads
+        head_dim = dim // heads
+        q, k, v = (
+            qkv.reshape(batch, tokens, 3, heads, head_dim)
+            .permute(2, 0, 3, 1, 4)
+            .reshape(3, batch * heads, tokens, head_dim)
+            .unbind(0)
+        )
+        if self.use_rel_pos:
+            table_h = get_rel_pos(grid[0], grid[0], self.rel_pos_h)
+            table_w = get_rel_pos(grid[1], grid[1], self.rel_pos_w)
+        out = torch.empty_like(q)
+        step = max(1, _LOGITS_BUDGET // (tokens * tokens))
+        for start in range(0, batch * heads, step):
+            part = slice(start, start + step)
+            k_t = k[part].transpose(1, 2)
+            if self.use_rel_pos:
+                bias = rel_pos_bias(q[part], table_h, table_w, grid)
+                logits = torch.baddbmm(bias, q[part], k_t, alpha=self.scale)
+            else:
+                logits = torch.bmm(q[part], k_t).mul_(self.scale)
+            torch.bmm(logits.softmax(dim=-1), v[part], out=out[part])
+        return out.view(batch, heads, tokens, head_dim).transpose(1, 2).reshape(batch, tokens, dim)
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Relative-position embeddings for every (query, key) coordinate pair along one axis.
+
+    The table has one row per relative offset; it is linearly resized when its length is
+    not 2*max(q_size, k_size)-1, and offsets are rescaled when the query and key grids
+    differ in size (MViTv2, Li et al. 2022).
+
+    Args:
+        q_size: number of query positions along the axis.
+        k_size: number of key positions along the axis.
+        rel_pos: Lxhead_dim table.
+
+    Returns:
+        q_size x k_size x head_dim tensor.
+    """
+    span = 2 * max(q_size, k_size) - 1
+    table = rel_pos
+    if table.shape[0] != span:
+        table = (
+            F.interpolate(table.reshape(1, table.shape[0], -1).permute(0, 2, 1), size=span, mode="linear")
+            .reshape(-1, span)
+            .permute(1, 0)
+        )
+    q_step = max(k_size / q_size, 1.0)
+    k_step = max(q_size / k_size, 1.0)
+    q_pos = torch.arange(q_size, device=rel_pos.device)[:, None] * q_step
+    k_pos = torch.arange(k_size, device=rel_pos.device)[None, :] * k_step
+    offset = (q_pos - k_pos) + (k_size - 1) * k_step
+    return table[offset.long()]
+
+
+def rel_pos_bias(
+    q: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor, grid: tuple[int, int]
+) -> torch.Tensor:
+    """Decomposed relative-position term of the attention logits.
+
+    ``bias[b, (y, x), (y', x')] = q[b, (y, x)] . (table_h[y, y'] + ...)`` computed as the sum
+    of a row term (depends on y') and a column term (depends on x'), using the unscaled
+    queries as the reference does.
+
+    Args:
+        q: BxNxC queries of an HxW grid (N = H*W).
+        table_h: HxHxC from :func:`get_rel_pos`.
+        table_w: WxWxC from :func:`get_rel_pos`.
+        grid: (H, W).
+
+    Returns:
+        BxNxN float tensor.
+    """
+    height, width = grid
+    batch, tokens, channels = q.shape
+    q_grid = q.reshape(batch, height, width, channels)
+    row_term = torch.einsum("byxc,ykc->byxk", q_grid, table_h)
+    col_term = torch.einsum("byxc,xkc->byxk", q_grid, table_w)
+    bias = row_term.unsqueeze(-1) + col_term.unsqueeze(-2)
+    return bias.reshape(batch, tokens, tokens)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch projection: Bx3xSxS image -> BxGxGxD tokens (channels last)."""
+
+    def __init__(
+        self,
+        kernel_size: tuple[int, int] = (16, 16),
+        stride: tuple[int, int] = (16, 16),
+        padding: tuple[int, int] = (0, 0),
+        in_chans: int = 3,
+        embed_dim: int = 768,
+    ) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel_size, stride=stride, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)

@@ -1,0 +1,1 @@
+"""Helpers: resizing transforms, image conversion, mask utilities."""

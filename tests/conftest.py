@@ -1,0 +1,89 @@
+"""Shared fixtures: random-weight checkpoints that both implementations load, real images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+IMAGES = SHARED / "data" / "images"
+
+
+def load_rgb(name: str) -> np.ndarray:
+    """A real RGB uint8 photo from ../shared/data/images (truck.jpg, groceries.jpg)."""
+    from PIL import Image
+
+    path = IMAGES / name
+    if not path.exists():
+        pytest.fail(f"Test image {path} is missing: the tests expect ../shared beside the checkout.")
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def make_random_checkpoint(model_type: str, path: os.PathLike, seed: int = 0) -> Path:
+    """Write a random-weight state dict for ``model_type`` that both SAMs load.
+
+    Built with the reference's builder (so the state dict is the reference's own), then
+    every tensor that the reference initialises to a constant (relative-position tables,
+    absolute position embedding, norms, biases) is randomised too, so the test exercises
+    every term. Decoder output scales are raised so logits leave [-1, 1].
+    """
+    import torch
+    from segment_anything.build_sam import _build_sam
+
+    from napari_sam.build import MODEL_CONFIGS
+
+    config = MODEL_CONFIGS[model_type]
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = _build_sam(
+            encoder_embed_dim=config.embed_dim,
+            encoder_depth=config.depth,
+            encoder_num_heads=config.num_heads,
+            encoder_global_attn_indexes=list(config.global_attn_indexes),
+        )
+    generator = torch.Generator().manual_seed(seed + 1)
+    state = model.state_dict()
+    for name, tensor in state.items():
+        if name.endswith(("rel_pos_h", "rel_pos_w")):
+            tensor.copy_(0.3 * torch.randn(tensor.shape, generator=generator))
+        elif name.endswith("pos_embed"):
+            tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
+        elif tensor.ndim == 1 and ("norm" in name or "neck.1" in name or "neck.3" in name):
+            if name.endswith("weight"):
+                tensor.copy_(1.0 + 0.2 * torch.randn(tensor.shape, generator=generator))
+            else:
+                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
+        elif name.endswith("bias"):
+            tensor.copy_(0.05 * torch.randn(tensor.shape, generator=generator))
+    # Larger hypernetwork outputs: mask logits of a few units, like a trained model's.
+    for i in range(4):
+        state[f"mask_decoder.output_hypernetworks_mlps.{i}.layers.2.weight"].mul_(8.0)
+    torch.save(state, path)
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    """Return a function model_type -> path of a cached random-weight checkpoint."""
+    cache: dict[str, Path] = {}
+    folder = tmp_path_factory.mktemp("checkpoints")
+
+    def get(model_type: str) -> Path:
+        if model_type not in cache:
+            cache[model_type] = make_random_checkpoint(model_type, folder / f"random_{model_type}.pth")
+        return cache[model_type]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def truck() -> np.ndarray:
+    return load_rgb("truck.jpg")
+
+
+@pytest.fixture(scope="session")
+def groceries() -> np.ndarray:
+    return load_rgb("groceries.jpg")
