@@ -54,7 +54,11 @@ class ResizeLongestSide:
         return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
 
     def apply_image_torch(self, image: torch.Tensor) -> torch.Tensor:
-        """Resize a BxCxHxW float tensor (bilinear, antialiased; may differ from apply_image)."""
+        """Resize a BxCxHxW float tensor (bilinear, antialiased; may differ from apply_image).
+
+        The output size comes from H and W; the reference reads it from the batch and
+        channel sizes (``shape[0], shape[1]``), which gives wrong sizes.
+        """
         target = self.get_preprocess_shape(image.shape[2], image.shape[3], self.target_length)
         return F.interpolate(image, target, mode="bilinear", align_corners=False, antialias=True)
 
