@@ -157,6 +157,19 @@ def detect_model_type(state_dict: Mapping[str, torch.Tensor]) -> str:
     )
 
 
+def _check_fits(state_dict: Mapping[str, torch.Tensor], model_type: str) -> None:
+    """Raise when the tensor shapes say the state dict is of another known type."""
+    try:
+        fits = detect_model_type(state_dict)
+    except CheckpointError:
+        return  # not recognisable: the strict key check reports what is wrong
+    if fits != model_type:
+        raise CheckpointError(
+            f"This checkpoint is a {fits} model, not {model_type}: build it with "
+            f"sam_model_registry[{fits!r}] (or napari_sam.build_sam, which detects the type)."
+        )
+
+
 def load_state_dict_strict(model: Sam, state_dict: Mapping[str, torch.Tensor], model_type: str) -> None:
     """Load ``state_dict`` into ``model`` with strict key and shape matching.
 
@@ -164,15 +177,7 @@ def load_state_dict_strict(model: Sam, state_dict: Mapping[str, torch.Tensor], m
         CheckpointError: the state dict fits another type (named in the message) or has
             missing, unexpected or mis-shaped tensors.
     """
-    try:
-        fits = detect_model_type(state_dict)
-    except CheckpointError:
-        fits = None
-    if fits is not None and fits != model_type:
-        raise CheckpointError(
-            f"This checkpoint is a {fits} model, not {model_type}: build it with "
-            f"sam_model_registry[{fits!r}] (or napari_sam.build_sam, which detects the type)."
-        )
+    _check_fits(state_dict, model_type)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -205,6 +210,8 @@ def build_sam_type(model_type: str, checkpoint: Optional[PathLike] = None) -> Sa
     if model_type not in MODEL_CONFIGS:
         raise KeyError(f"Unknown SAM model type {model_type!r}; expected one of default, {', '.join(MODEL_CONFIGS)}.")
     state = read_state_dict(checkpoint) if checkpoint is not None else None
+    if state is not None:
+        _check_fits(state, model_type)  # before building: a wrong type fails in milliseconds
     model = build_sam_from_config(MODEL_CONFIGS[model_type])
     if state is not None:
         load_state_dict_strict(model, state, model_type)
