@@ -104,7 +104,8 @@ class Sam(nn.Module):
 
         Two bilinear steps (align_corners=False, no antialiasing), as in the reference:
         to the padded input size (1024x1024), crop away the padding, then to the original
-        size. Fusing them into one resize gives different values.
+        size. Fusing them into one resize gives different values. Only the part of the
+        first resize that survives the crop is computed (bit-identical to the reference).
 
         Args:
             masks: BxCx256x256 logits.
@@ -115,7 +116,20 @@ class Sam(nn.Module):
             BxCxHxW logits.
         """
         side = self.image_encoder.img_size
-        masks = F.interpolate(masks, (side, side), mode="bilinear", align_corners=False)
+        low_h, low_w = masks.shape[-2:]
+        if side % low_h == 0 and side % low_w == 0 and low_h == low_w:
+            # Only the low-res rows/columns that reach the unpadded area are upscaled. With
+            # an integer factor the source-coordinate arithmetic is the same as for the
+            # full resize (scale 1/factor either way), so the values are identical; one
+            # extra row/column keeps the bilinear neighbour of the last needed pixel.
+            factor = side // low_h
+            rows = min(low_h, -(-input_size[0] // factor) + 1)
+            cols = min(low_w, -(-input_size[1] // factor) + 1)
+            masks = F.interpolate(
+                masks[..., :rows, :cols], scale_factor=float(factor), mode="bilinear", align_corners=False
+            )
+        else:
+            masks = F.interpolate(masks, (side, side), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
         return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
 
