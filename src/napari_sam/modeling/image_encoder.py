@@ -213,13 +213,8 @@ class Attention(nn.Module):
         batch, height, width, dim = x.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
         # (B, H, W, 3, heads, hd) -> (3, B*heads, H*W, hd): one copy.
-        q, k, v = (
-            self.qkv(x)
-            .view(batch, height * width, 3, heads, head_dim)
-            .permute(2, 0, 3, 1, 4)
-            .reshape(3, batch * heads, height * width, head_dim)
-            .unbind(0)
-        )
+        qkv = self.qkv(x).view(batch, height * width, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = _to_float32_contiguous(qkv).view(3, batch * heads, height * width, head_dim).unbind(0)
         out = self._attend(q, k, v, (height, width))
         out = out.view(batch, heads, height, width, head_dim).permute(0, 2, 3, 1, 4).reshape(batch, height, width, dim)
         return self.proj(out)
@@ -253,12 +248,8 @@ class Attention(nn.Module):
             qkv = padded
         rows, cols = (height + pad_h) // window, (width + pad_w) // window
         # (B, rows, wy, cols, wx, 3, heads, hd) -> (3, B*rows*cols*heads, wy*wx, hd): one copy.
-        q, k, v = (
-            qkv.view(batch, rows, window, cols, window, 3, heads, head_dim)
-            .permute(5, 0, 1, 3, 6, 2, 4, 7)
-            .reshape(3, batch * rows * cols * heads, window * window, head_dim)
-            .unbind(0)
-        )
+        tiles = qkv.view(batch, rows, window, cols, window, 3, heads, head_dim).permute(5, 0, 1, 3, 6, 2, 4, 7)
+        q, k, v = _to_float32_contiguous(tiles).view(3, batch * rows * cols * heads, window * window, head_dim).unbind(0)
         out = self._attend(q, k, v, (window, window))
         out = (
             out.view(batch, rows, cols, heads, window, window, head_dim)
@@ -276,18 +267,26 @@ class Attention(nn.Module):
         before the next block starts, so the NxN logits never travel through main memory
         as a whole (the reference materialises heads x N x N floats several times).
 
+        Runs in float32 even under autocast: in reduced precision only the projections
+        and the MLP (most of the work) run in bf16/fp16, while the logits and softmax stay
+        exact enough and need no per-block casts.
+
         Args:
-            q, k, v: BxNxd queries, keys and values of an HxW token grid (N = H*W), one
-                batch entry per (image or window, head).
+            q, k, v: BxNxd float32 queries, keys and values of an HxW token grid
+                (N = H*W), one batch entry per (image or window, head).
             grid: (H, W).
 
         Returns:
-            BxNxd attention output.
+            BxNxd float32 attention output.
         """
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return self._attend_fp32(q, k, v, grid)
+
+    def _attend_fp32(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         batch, tokens, _ = q.shape
         if self.use_rel_pos:
-            row_term, col_term = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, grid)
-        k_t = k.transpose(1, 2)
+            row_term, col_term = rel_pos_terms(q, self.rel_pos_h.float(), self.rel_pos_w.float(), grid)
+        k_t = k.transpose(1, 2).contiguous()
         out = torch.empty_like(q)
         rows = min(tokens, max(1, _LOGITS_BLOCK // tokens))
         items = max(1, _LOGITS_BLOCK // (rows * tokens))
@@ -303,6 +302,13 @@ class Attention(nn.Module):
                     logits = torch.bmm(q[bs, rs], k_t[bs]).mul_(self.scale)
                 out[bs, rs] = torch.bmm(torch.softmax(logits, dim=-1), v[bs])
         return out
+
+
+def _to_float32_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous float32 copy of a (permuted) view, cast and rearranged in one pass."""
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    out.copy_(x)
+    return out
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
