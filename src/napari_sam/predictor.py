@@ -70,9 +70,7 @@ class SamPredictor:
         return autocast_context(self.device, self.precision)
 
     def set_image(
-        self,
-        image: np.ndarray,
-        image_format: str = "RGB",
+        self, image: np.ndarray, image_format: str = "RGB",
         contrast_limits: Optional[Sequence[float]] = None,
     ) -> None:
         """Compute the image embedding of ``image``.
@@ -130,13 +128,9 @@ class SamPredictor:
         self.is_image_set = True
 
     def predict(
-        self,
-        point_coords: Optional[np.ndarray] = None,
-        point_labels: Optional[np.ndarray] = None,
-        box: Optional[np.ndarray] = None,
-        mask_input: Optional[np.ndarray] = None,
-        multimask_output: bool = True,
-        return_logits: bool = False,
+        self, point_coords: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None,
+        box: Optional[np.ndarray] = None, mask_input: Optional[np.ndarray] = None,
+        multimask_output: bool = True, return_logits: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predict masks for prompts given in the original image frame.
 
@@ -202,13 +196,9 @@ class SamPredictor:
 
     @torch.no_grad()
     def predict_torch(
-        self,
-        point_coords: Optional[torch.Tensor],
-        point_labels: Optional[torch.Tensor],
-        boxes: Optional[torch.Tensor] = None,
-        mask_input: Optional[torch.Tensor] = None,
-        multimask_output: bool = True,
-        return_logits: bool = False,
+        self, point_coords: Optional[torch.Tensor], point_labels: Optional[torch.Tensor],
+        boxes: Optional[torch.Tensor] = None, mask_input: Optional[torch.Tensor] = None,
+        multimask_output: bool = True, return_logits: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Predict masks for a batch of B prompts given in the resized (1024) frame.
 

@@ -23,6 +23,7 @@ that change only floating-point rounding:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
@@ -61,51 +62,27 @@ class ImageEncoderViT(nn.Module):
     """
 
     def __init__(
-        self,
-        img_size: int = 1024,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        out_chans: int = 256,
-        qkv_bias: bool = True,
-        norm_layer: type[nn.Module] = nn.LayerNorm,
-        act_layer: type[nn.Module] = nn.GELU,
-        use_abs_pos: bool = True,
-        use_rel_pos: bool = False,
-        rel_pos_zero_init: bool = True,
-        window_size: int = 0,
-        global_attn_indexes: tuple[int, ...] = (),
+        self, img_size: int = 1024, patch_size: int = 16, in_chans: int = 3,
+        embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+        out_chans: int = 256, qkv_bias: bool = True,
+        norm_layer: type[nn.Module] = nn.LayerNorm, act_layer: type[nn.Module] = nn.GELU,
+        use_abs_pos: bool = True, use_rel_pos: bool = False, rel_pos_zero_init: bool = True,
+        window_size: int = 0, global_attn_indexes: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         self.img_size = img_size
         grid = img_size // patch_size
-        self.patch_embed = PatchEmbed(
-            kernel_size=(patch_size, patch_size),
-            stride=(patch_size, patch_size),
-            in_chans=in_chans,
-            embed_dim=embed_dim,
+        patch = (patch_size, patch_size)
+        self.patch_embed = PatchEmbed(patch, patch, (0, 0), in_chans, embed_dim)
+        self.pos_embed: Optional[nn.Parameter] = (
+            nn.Parameter(torch.zeros(1, grid, grid, embed_dim)) if use_abs_pos else None
         )
-        self.pos_embed: Optional[nn.Parameter] = None
-        if use_abs_pos:
-            self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
+        block = partial(
+            Block, embed_dim, num_heads, mlp_ratio, qkv_bias, norm_layer, act_layer, use_rel_pos, rel_pos_zero_init
+        )
         global_set = set(global_attn_indexes)
         self.blocks = nn.ModuleList(
-            Block(
-                dim=embed_dim,
-                num_heads=num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                norm_layer=norm_layer,
-                act_layer=act_layer,
-                use_rel_pos=use_rel_pos,
-                rel_pos_zero_init=rel_pos_zero_init,
-                window_size=0 if i in global_set else window_size,
-                input_size=(grid, grid),
-            )
-            for i in range(depth)
+            [block(window_size=0 if i in global_set else window_size, input_size=(grid, grid)) for i in range(depth)]
         )
         self.neck = nn.Sequential(
             nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
@@ -135,31 +112,19 @@ class Block(nn.Module):
     """Pre-norm transformer block with windowed (window_size > 0) or global attention."""
 
     def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        norm_layer: type[nn.Module] = nn.LayerNorm,
-        act_layer: type[nn.Module] = nn.GELU,
-        use_rel_pos: bool = False,
-        rel_pos_zero_init: bool = True,
-        window_size: int = 0,
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+        norm_layer: type[nn.Module] = nn.LayerNorm, act_layer: type[nn.Module] = nn.GELU,
+        use_rel_pos: bool = False, rel_pos_zero_init: bool = True, window_size: int = 0,
         input_size: Optional[tuple[int, int]] = None,
     ) -> None:
         super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = Attention(
-            dim,
-            num_heads=num_heads,
-            qkv_bias=qkv_bias,
-            use_rel_pos=use_rel_pos,
-            rel_pos_zero_init=rel_pos_zero_init,
-            input_size=input_size if window_size == 0 else (window_size, window_size),
-        )
-        self.norm2 = norm_layer(dim)
-        self.mlp = MLPBlock(embedding_dim=dim, mlp_dim=int(dim * mlp_ratio), act=act_layer)
         self.window_size = window_size
+        # Windowed blocks size their relative-position tables for one window.
+        grid = (window_size, window_size) if window_size > 0 else input_size
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, use_rel_pos, rel_pos_zero_init, grid)
+        self.norm2 = norm_layer(dim)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: BxHxWxD tokens; returns the same shape."""
@@ -184,29 +149,23 @@ class Attention(nn.Module):
     """
 
     def __init__(
-        self,
-        dim: int,
-        num_heads: int = 8,
-        qkv_bias: bool = True,
-        use_rel_pos: bool = False,
-        rel_pos_zero_init: bool = True,
-        input_size: Optional[tuple[int, int]] = None,
+        self, dim: int, num_heads: int = 8, qkv_bias: bool = True, use_rel_pos: bool = False,
+        rel_pos_zero_init: bool = True, input_size: Optional[tuple[int, int]] = None,
     ) -> None:
         super().__init__()
-        self.num_heads = num_heads
         head_dim = dim // num_heads
-        self.scale = head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.use_rel_pos = use_rel_pos
-        if use_rel_pos:
-            if input_size is None:
-                raise ValueError("Relative positional terms need input_size=(H, W) of the token grid.")
-            self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
-            self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
-            if not rel_pos_zero_init:
-                nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
-                nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
+        self.num_heads, self.use_rel_pos = num_heads, use_rel_pos
+        self.scale = head_dim**-0.5  # as the reference computes it, to the last bit
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=qkv_bias), nn.Linear(dim, dim)
+        if not use_rel_pos:
+            return
+        if input_size is None:
+            raise ValueError("Relative positional terms need input_size=(H, W) of the token grid.")
+        # One row per relative offset along each axis: 2H-1 and 2W-1 rows.
+        tables = [torch.zeros(2 * side - 1, head_dim) for side in input_size]
+        if not rel_pos_zero_init:
+            tables = [nn.init.trunc_normal_(table, std=0.02) for table in tables]
+        self.rel_pos_h, self.rel_pos_w = (nn.Parameter(table) for table in tables)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attention over the whole grid. x: BxHxWxD; returns BxHxWxD."""
@@ -373,12 +332,8 @@ class PatchEmbed(nn.Module):
     """Non-overlapping patch projection: Bx3xSxS image -> BxGxGxD tokens (channels last)."""
 
     def __init__(
-        self,
-        kernel_size: tuple[int, int] = (16, 16),
-        stride: tuple[int, int] = (16, 16),
-        padding: tuple[int, int] = (0, 0),
-        in_chans: int = 3,
-        embed_dim: int = 768,
+        self, kernel_size: tuple[int, int] = (16, 16), stride: tuple[int, int] = (16, 16),
+        padding: tuple[int, int] = (0, 0), in_chans: int = 3, embed_dim: int = 768,
     ) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel_size, stride=stride, padding=padding)

@@ -22,40 +22,26 @@ class MaskDecoder(nn.Module):
     """
 
     def __init__(
-        self,
-        *,
-        transformer_dim: int,
-        transformer: nn.Module,
-        num_multimask_outputs: int = 3,
-        activation: type[nn.Module] = nn.GELU,
-        iou_head_depth: int = 3,
-        iou_head_hidden_dim: int = 256,
+        self, *, transformer_dim: int, transformer: nn.Module, num_multimask_outputs: int = 3,
+        activation: type[nn.Module] = nn.GELU, iou_head_depth: int = 3, iou_head_hidden_dim: int = 256,
     ) -> None:
         super().__init__()
-        self.transformer_dim = transformer_dim
-        self.transformer = transformer
-        self.num_multimask_outputs = num_multimask_outputs
-        self.iou_token = nn.Embedding(1, transformer_dim)
-        self.num_mask_tokens = num_multimask_outputs + 1
-        self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        dim = transformer_dim
+        tokens = num_multimask_outputs + 1  # one more token for the single-mask output
+        self.transformer_dim, self.transformer = dim, transformer
+        self.num_multimask_outputs, self.num_mask_tokens = num_multimask_outputs, tokens
+        self.iou_token, self.mask_tokens = nn.Embedding(1, dim), nn.Embedding(tokens, dim)
+        # 64x64xD -> 256x256x(D/8): two 2x2/stride-2 transposed convolutions.
         self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
-            LayerNorm2d(transformer_dim // 4),
-            activation(),
-            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
-            activation(),
+            nn.ConvTranspose2d(dim, dim // 4, 2, stride=2), LayerNorm2d(dim // 4), activation(),
+            nn.ConvTranspose2d(dim // 4, dim // 8, 2, stride=2), activation(),
         )
-        self.output_hypernetworks_mlps = nn.ModuleList(
-            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)
-        )
-        self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
+        self.output_hypernetworks_mlps = nn.ModuleList([MLP(dim, dim, dim // 8, 3) for _ in range(tokens)])
+        self.iou_prediction_head = MLP(dim, iou_head_hidden_dim, tokens, iou_head_depth)
 
     def forward(
-        self,
-        image_embeddings: torch.Tensor,
-        image_pe: torch.Tensor,
-        sparse_prompt_embeddings: torch.Tensor,
-        dense_prompt_embeddings: torch.Tensor,
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predict masks for a batch of prompts on one image.
@@ -77,11 +63,8 @@ class MaskDecoder(nn.Module):
         return masks[:, chosen], iou_pred[:, chosen]
 
     def predict_masks(
-        self,
-        image_embeddings: torch.Tensor,
-        image_pe: torch.Tensor,
-        sparse_prompt_embeddings: torch.Tensor,
-        dense_prompt_embeddings: torch.Tensor,
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All mask tokens' outputs: logits Bx4x4Hx4W and predicted IoU Bx4 (see ``forward``)."""
         batch = sparse_prompt_embeddings.shape[0]

@@ -31,12 +31,8 @@ class PromptEncoder(nn.Module):
     """
 
     def __init__(
-        self,
-        embed_dim: int,
-        image_embedding_size: tuple[int, int],
-        input_image_size: tuple[int, int],
-        mask_in_chans: int,
-        activation: type[nn.Module] = nn.GELU,
+        self, embed_dim: int, image_embedding_size: tuple[int, int], input_image_size: tuple[int, int],
+        mask_in_chans: int, activation: type[nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
@@ -48,15 +44,13 @@ class PromptEncoder(nn.Module):
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4))
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
         self.mask_input_size = (4 * image_embedding_size[0], 4 * image_embedding_size[1])
-        self.mask_downscaling = nn.Sequential(
-            nn.Conv2d(1, mask_in_chans // 4, kernel_size=2, stride=2),
-            LayerNorm2d(mask_in_chans // 4),
-            activation(),
-            nn.Conv2d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
-            LayerNorm2d(mask_in_chans),
-            activation(),
-            nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
-        )
+        # 256x256 mask logits -> 64x64 embedding: two 2x2/stride-2 convs, then 1x1 to D.
+        hidden = mask_in_chans // 4
+        layers: list[nn.Module] = []
+        for c_in, c_out in ((1, hidden), (hidden, mask_in_chans)):
+            layers += [nn.Conv2d(c_in, c_out, 2, stride=2), LayerNorm2d(c_out), activation()]
+        layers.append(nn.Conv2d(mask_in_chans, embed_dim, 1))
+        self.mask_downscaling = nn.Sequential(*layers)
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
     def get_dense_pe(self) -> torch.Tensor:
@@ -89,8 +83,7 @@ class PromptEncoder(nn.Module):
 
     @staticmethod
     def _get_batch_size(
-        points: Optional[tuple[torch.Tensor, torch.Tensor]],
-        boxes: Optional[torch.Tensor],
+        points: Optional[tuple[torch.Tensor, torch.Tensor]], boxes: Optional[torch.Tensor],
         masks: Optional[torch.Tensor],
     ) -> int:
         if points is not None:
@@ -105,9 +98,7 @@ class PromptEncoder(nn.Module):
         return self.point_embeddings[0].weight.device
 
     def forward(
-        self,
-        points: Optional[tuple[torch.Tensor, torch.Tensor]],
-        boxes: Optional[torch.Tensor],
+        self, points: Optional[tuple[torch.Tensor, torch.Tensor]], boxes: Optional[torch.Tensor],
         masks: Optional[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed prompts.

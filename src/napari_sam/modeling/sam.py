@@ -28,14 +28,11 @@ class Sam(nn.Module):
         image_format: channel order the model expects ("RGB").
     """
 
-    mask_threshold: float = 0.0
     image_format: str = "RGB"
+    mask_threshold: float = 0.0
 
     def __init__(
-        self,
-        image_encoder: ImageEncoderViT,
-        prompt_encoder: PromptEncoder,
-        mask_decoder: MaskDecoder,
+        self, image_encoder: ImageEncoderViT, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder,
         pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53),
         pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375),
     ) -> None:
@@ -95,10 +92,7 @@ class Sam(nn.Module):
         return outputs
 
     def postprocess_masks(
-        self,
-        masks: torch.Tensor,
-        input_size: tuple[int, ...],
-        original_size: tuple[int, ...],
+        self, masks: torch.Tensor, input_size: tuple[int, ...], original_size: tuple[int, ...],
     ) -> torch.Tensor:
         """Upscale low-res logits to the original image frame.
 

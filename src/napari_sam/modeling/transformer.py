@@ -31,13 +31,8 @@ class TwoWayTransformer(nn.Module):
     """
 
     def __init__(
-        self,
-        depth: int,
-        embedding_dim: int,
-        num_heads: int,
-        mlp_dim: int,
-        activation: type[nn.Module] = nn.ReLU,
-        attention_downsample_rate: int = 2,
+        self, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int,
+        activation: type[nn.Module] = nn.ReLU, attention_downsample_rate: int = 2,
     ) -> None:
         super().__init__()
         self.depth = depth
@@ -46,12 +41,7 @@ class TwoWayTransformer(nn.Module):
         self.mlp_dim = mlp_dim
         self.layers = nn.ModuleList(
             TwoWayAttentionBlock(
-                embedding_dim=embedding_dim,
-                num_heads=num_heads,
-                mlp_dim=mlp_dim,
-                activation=activation,
-                attention_downsample_rate=attention_downsample_rate,
-                skip_first_layer_pe=(i == 0),
+                embedding_dim, num_heads, mlp_dim, activation, attention_downsample_rate, skip_first_layer_pe=i == 0
             )
             for i in range(depth)
         )
@@ -61,10 +51,7 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(
-        self,
-        image_embedding: torch.Tensor,
-        image_pe: torch.Tensor,
-        point_embedding: torch.Tensor,
+        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the transformer.
 
@@ -99,35 +86,25 @@ class TwoWayAttentionBlock(nn.Module):
     """
 
     def __init__(
-        self,
-        embedding_dim: int,
-        num_heads: int,
-        mlp_dim: int = 2048,
-        activation: type[nn.Module] = nn.ReLU,
-        attention_downsample_rate: int = 2,
+        self, embedding_dim: int, num_heads: int, mlp_dim: int = 2048,
+        activation: type[nn.Module] = nn.ReLU, attention_downsample_rate: int = 2,
         skip_first_layer_pe: bool = False,
     ) -> None:
         super().__init__()
-        self.self_attn = Attention(embedding_dim, num_heads)
-        self.norm1 = nn.LayerNorm(embedding_dim)
-        self.cross_attn_token_to_image = Attention(
-            embedding_dim, num_heads, downsample_rate=attention_downsample_rate
-        )
-        self.norm2 = nn.LayerNorm(embedding_dim)
-        self.mlp = MLPBlock(embedding_dim, mlp_dim, activation)
-        self.norm3 = nn.LayerNorm(embedding_dim)
-        self.norm4 = nn.LayerNorm(embedding_dim)
-        self.cross_attn_image_to_token = Attention(
-            embedding_dim, num_heads, downsample_rate=attention_downsample_rate
-        )
+        dim = embedding_dim
+
+        def cross() -> Attention:
+            return Attention(dim, num_heads, downsample_rate=attention_downsample_rate)
+
+        # Registration order = the checkpoint's key order.
+        self.self_attn, self.norm1 = Attention(dim, num_heads), nn.LayerNorm(dim)
+        self.cross_attn_token_to_image, self.norm2 = cross(), nn.LayerNorm(dim)
+        self.mlp, self.norm3 = MLPBlock(dim, mlp_dim, activation), nn.LayerNorm(dim)
+        self.norm4, self.cross_attn_image_to_token = nn.LayerNorm(dim), cross()
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(
-        self,
-        queries: torch.Tensor,
-        keys: torch.Tensor,
-        query_pe: torch.Tensor,
-        key_pe: torch.Tensor,
+        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """queries BxNxC, keys (B or 1)xHWxC, query_pe BxNxC, key_pe 1xHWxC."""
         if self.skip_first_layer_pe:
