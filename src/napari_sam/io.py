@@ -51,7 +51,11 @@ def decode_rle(rle: dict[str, Any]) -> np.ndarray:
 
 
 def labels_to_coco(
-    labels: np.ndarray, *, category: str = "object", file_name: Optional[str] = None
+    labels: np.ndarray,
+    *,
+    category: str = "object",
+    file_name: Optional[str] = None,
+    extra: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Describe a label image as a COCO instances dict (see the module docstring).
 
@@ -59,6 +63,8 @@ def labels_to_coco(
         labels: integer array of shape (..., H, W); 0 is background, each other value an object.
         category: name of the single category.
         file_name: image file name recorded in the image entries (default: none).
+        extra: JSON-serialisable values stored beside shape and dtype in the top-level
+            ``napari_sam`` field (the napari writer stores the layer's scale and translate).
 
     Returns:
         A JSON-serialisable dict with ``images``, ``annotations``, ``categories``.
@@ -107,7 +113,7 @@ def labels_to_coco(
         "images": images,
         "annotations": annotations,
         "categories": [{"id": 1, "name": category}],
-        FORMAT_KEY: {"shape": list(array.shape), "dtype": str(array.dtype)},
+        FORMAT_KEY: {**(extra or {}), "shape": list(array.shape), "dtype": str(array.dtype)},
     }
 
 
@@ -192,6 +198,29 @@ def write_coco_json(path: PathLike, labels: np.ndarray, **kwargs: Any) -> Path:
     return path
 
 
+def load_json(path: PathLike) -> Any:
+    """Parse a JSON file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not JSON.
+    """
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{os.fspath(path)!r} is not a JSON file: {error}") from error
+
+
+def is_coco_labels(data: Any) -> bool:
+    """Whether parsed JSON is COCO instances or a list of RLE mask records."""
+    if isinstance(data, dict):
+        return "annotations" in data and "images" in data
+    return isinstance(data, list) and bool(data) and all(
+        isinstance(r, dict) and isinstance(r.get("segmentation"), dict) and "size" in r["segmentation"] for r in data
+    )
+
+
 def read_coco_json(path: PathLike) -> np.ndarray:
     """Read a label image from a COCO instances file or AMG RLE records (see :func:`coco_to_labels`).
 
@@ -199,9 +228,4 @@ def read_coco_json(path: PathLike) -> np.ndarray:
         FileNotFoundError: no such file.
         ValueError: not JSON, or JSON of neither form.
     """
-    try:
-        with open(path) as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{os.fspath(path)!r} is not a JSON file: {error}") from error
-    return coco_to_labels(data)
+    return coco_to_labels(load_json(path))
