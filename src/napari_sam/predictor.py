@@ -23,6 +23,8 @@ from .utils.image import to_rgb_uint8
 from .utils.transforms import ResizeLongestSide
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Smallest prompt batch for which the mask decoder runs in the reduced precision.
+DECODER_REDUCED_PRECISION_MIN_BATCH = 16
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -47,7 +49,8 @@ class SamPredictor:
         sam_model: the model.
         precision: "fp32" (default, matches the reference), "bf16" (CPU or GPU, about 2x
             faster on CPUs with bf16 instructions, mask IoU >= 0.97 against fp32) or "fp16"
-            (GPU only).
+            (GPU only). It applies to the image encoder, and to the mask decoder for
+            batches of at least 16 prompts.
 
     Attributes:
         model, transform (``ResizeLongestSide`` to 1024), features (1x256x64x64 image
@@ -220,7 +223,12 @@ class SamPredictor:
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
         points = (point_coords, point_labels) if point_coords is not None else None
-        with self._autocast():
+        batch = next((t.shape[0] for t in (point_coords, boxes, mask_input) if t is not None), 1)
+        # Reduced precision pays off in the decoder only for larger prompt batches; for a
+        # few prompts the casts cost more than they save (measured on CPU: 1.5x slower at
+        # B=1, 1.4x faster at B=64), so small batches run in float32.
+        precision = self.precision if batch >= DECODER_REDUCED_PRECISION_MIN_BATCH else "fp32"
+        with autocast_context(self.device, precision):
             sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
             low_res, iou = self.model.mask_decoder(
                 image_embeddings=self.features,
