@@ -21,15 +21,17 @@ import logging
 import os
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Optional
+from typing import TYPE_CHECKING, Any, Hashable, Optional
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
 from napari.layers import Image, Labels, Points, Shapes
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
-from napari.viewer import Viewer
-from qtpy.QtCore import QTimer
+
+if TYPE_CHECKING:
+    import napari.viewer
+from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..interactive.engine import ModelSpec, SamEngine, display_rgb, objects_to_labels
 from ..interactive.history import CommitHistory, next_free_id, plan_commit
@@ -58,7 +60,16 @@ _WIDGETS: "weakref.WeakValueDictionary[int, SamWidget]" = weakref.WeakValueDicti
 
 def widget_for(viewer: Any) -> Optional["SamWidget"]:
     """The Segment Anything widget opened on ``viewer``, if any."""
-    return _WIDGETS.get(id(viewer))
+    return _WIDGETS.get(id(getattr(viewer, "__wrapped__", viewer)))
+
+
+class _DownloadRelay(QObject):
+    """Carries download progress from a worker thread to the GUI thread (a queued Qt signal)."""
+
+    progressed = Signal(object, object)
+
+    def __call__(self, done: int, total: Optional[int]) -> None:
+        self.progressed.emit(done, total)
 
 
 @dataclass
@@ -78,7 +89,7 @@ class _Request:
         return engine.cache_key(self.data_key, self.spec.key, self.contrast_limits)
 
 
-def compute(engine: SamEngine, request: _Request):
+def compute(engine: SamEngine, request: _Request, download_progress: Any = None):
     """Worker body: load the model if needed, embed the slice unless cached, predict.
 
     A generator: yields ``(done, total)`` progress during the embedding; returns
@@ -86,7 +97,7 @@ def compute(engine: SamEngine, request: _Request):
     """
     engine.adopt_thread_settings()
     if engine.needs_loading:
-        engine.ensure_model()
+        engine.ensure_model(download_progress)
     key = request.cache_key(engine)
     embedding = engine.cache.get(key)
     if embedding is None:
@@ -105,9 +116,12 @@ class SamWidget(Container):
         napari_viewer: the viewer (npe2 passes it by type annotation).
     """
 
-    def __init__(self, napari_viewer: Viewer) -> None:
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
-        self.viewer = napari_viewer
+        # napari hands plugins a PublicOnlyProxy of the viewer, which wraps every layer in a new
+        # proxy on each access; we keep the viewer itself so that layers keep their identity
+        # (caches, histories, ``napari_sam.segment`` from the console).
+        self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
         self.engine = SamEngine()
         self._histories: dict[int, CommitHistory] = {}
         self._data_versions: dict[int, int] = {}
@@ -118,6 +132,7 @@ class SamWidget(Container):
         self._pending: Optional[_Request] = None
         self._commit_when_ready = False
         self._ensuring = False
+        self._resetting = False
         self._negative_mode = False
         self._current: Optional[tuple[SliceSpec, list[np.ndarray]]] = None
         self._current_region: Optional[tuple[Any, ...]] = None
@@ -159,6 +174,8 @@ class SamWidget(Container):
         self._status.native.setWordWrap(True)
 
         self._closed = False
+        self._relay = _DownloadRelay(self.native)
+        self._relay.progressed.connect(self._on_download_progress)
         self._timer = QTimer(self.native)
         self._timer.setSingleShot(True)
         self._timer.setInterval(DEBOUNCE_MS)
@@ -219,8 +236,12 @@ class SamWidget(Container):
     def _reset_layer_choices(self, event: Any = None) -> None:
         if self._closed:
             return None
-        for combo in (self._image_combo, self._points_combo, self._boxes_combo, self._output_combo):
-            combo.reset_choices()
+        self._resetting = True  # a removed layer is not a request for a new one
+        try:
+            for combo in (self._image_combo, self._points_combo, self._boxes_combo, self._output_combo):
+                combo.reset_choices()
+        finally:
+            self._resetting = False
 
     def _disconnect_all(self, *_: Any) -> None:
         """Stop listening to napari and drop pending work (the Qt widget is going away)."""
@@ -313,6 +334,9 @@ class SamWidget(Container):
         if image is None:
             return
         if self._ensuring:
+            return
+        if self._resetting:
+            self.schedule()
             return
         if self._points_combo.value is None:
             self._points_combo.value = _layers.make_points_layer(self.viewer, image)
@@ -454,7 +478,7 @@ class SamWidget(Container):
             self._status.value = "Computing the image embedding..."
         handlers = {"returned": self._on_returned, "errored": self._on_errored, "finished": self._on_finished}
         worker = create_worker(
-            compute, self.engine, request, _progress=progress, _connect=handlers, _start_thread=False
+            compute, self.engine, request, self._relay, _progress=progress, _connect=handlers, _start_thread=False
         )
         self._worker, self._running = worker, request
         worker.start()
@@ -476,6 +500,12 @@ class SamWidget(Container):
         pending, self._pending = self._pending, None
         if pending is not None:
             self._start(pending)
+
+    def _on_download_progress(self, done: int, total: Optional[int]) -> None:
+        if self._closed:
+            return
+        size = f"{done / 2**20:.0f} / {total / 2**20:.0f} MiB" if total else f"{done / 2**20:.0f} MiB"
+        self._status.value = f"Downloading {self.engine.spec.label if self.engine.spec else 'weights'}: {size}"
 
     def _on_errored(self, error: Exception) -> None:
         if self._closed:
@@ -669,8 +699,3 @@ KEYS = {
     "U": "undo",
     "Shift-U": "redo",
 }
-
-
-def make_widget(napari_viewer: Viewer) -> SamWidget:
-    """npe2 widget command: the Segment Anything dock widget."""
-    return SamWidget(napari_viewer)

@@ -123,7 +123,7 @@ def load_model(spec: ModelSpec, progress: Optional[ProgressCallback] = None) -> 
 
 
 def _load_known_weights(model_type: str, device: str, progress: Optional[ProgressCallback]) -> Any:
-    """Known official weights through ``napari_sam.checkpoints`` (written on another branch)."""
+    """Known official weights through ``napari_sam.checkpoints.build_sam`` (cached, verified download)."""
     try:
         from .. import checkpoints  # type: ignore[attr-defined]
     except ImportError:
@@ -133,8 +133,8 @@ def _load_known_weights(model_type: str, device: str, progress: Optional[Progres
         ) from None
     build = getattr(checkpoints, "build_sam")
     try:
-        return build(model_type, checkpoint=None, device=device, progress=progress)
-    except TypeError:  # a build_sam without a progress argument
+        return build(model_type, checkpoint=None, device=device, progressbar=False, progress_callback=progress)
+    except TypeError:  # an older build_sam without the progress arguments
         return build(model_type, checkpoint=None, device=device)
 
 
