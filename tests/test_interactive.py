@@ -102,3 +102,21 @@ def test_core_imports_no_qt():
         "bad=[m for m in ('napari','qtpy','PyQt5','magicgui') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_display_rgb_follows_contrast_limits():
+    from napari_sam.interactive.engine import display_rgb
+
+    photo = (np.arange(12 * 3).reshape(2, 6, 3) * 7).astype(np.uint8)
+    assert display_rgb(photo, (0, 255), rgb=True) is not None
+    assert np.array_equal(display_rgb(photo, (0, 255), rgb=True), photo)  # photos pass unchanged
+    stretched = display_rgb(photo, (0, 127.5), rgb=True)
+    assert stretched.max() == 255 and np.array_equal(stretched[0, 0], [0, 14, 28])
+    rgba = np.dstack([photo, np.full(photo.shape[:2], 9, np.uint8)])
+    assert np.array_equal(display_rgb(rgba, (0, 255), rgb=True), photo)
+    gray16 = np.array([[200, 1700, 3200]], np.uint16)
+    assert display_rgb(gray16, (200, 3200), rgb=False)[0, :, 0].tolist() == [0, 128, 255]
+    floats = np.array([[-1.0, 0.0, 1.0]], np.float32)
+    assert display_rgb(floats, (-1, 1), rgb=False)[0, :, 1].tolist() == [0, 128, 255]
+    with pytest.raises(ValueError, match="2-D grayscale"):
+        display_rgb(photo, (0, 255), rgb=False)

@@ -203,6 +203,24 @@ def test_3d_uint16_anisotropic_two_slices(open_widget, qtbot, vit_test_model):
     assert np.allclose(image.scale, scale) and np.allclose(output.scale, scale)
 
 
+def test_newer_request_supersedes_stale_one(open_widget, qtbot):
+    stack = uint16_stack()
+    viewer, image, widget = open_widget(stack, contrast_limits=(200, 3200))
+    wait_idle(qtbot, widget)
+    shown = []
+    original = widget._show_current
+    widget._show_current = lambda spec, masks: (shown.append(spec.index[0]), original(spec, masks))
+    widget.points_layer.data = np.array([[1, 300, 200], [3, 400, 450]], float)
+    widget._timer.stop()
+    viewer.dims.set_point(0, 1)
+    widget.request_prediction()  # needs the embedding of plane 1
+    viewer.dims.set_point(0, 3)
+    widget.request_prediction()  # plane 3: the plane-1 request is stale
+    wait_idle(qtbot, widget)
+    assert shown == [3]
+    assert widget.current_layer.data[3].any() and not widget.current_layer.data[1].any()
+
+
 def test_contrast_change_re_embeds(open_widget, qtbot):
     stack = uint16_stack()[0]
     viewer, image, widget = open_widget(stack, contrast_limits=(200, 3200))
