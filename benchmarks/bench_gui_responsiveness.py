@@ -20,6 +20,7 @@ seen in a fresh napari worker thread and in the widget's worker.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -44,7 +45,7 @@ def main() -> None:
     import napari
     import torch
     from napari.qt.threading import create_worker
-    from qtpy.QtCore import QTimer
+    from qtpy.QtCore import QEventLoop, QTimer
     from qtpy.QtWidgets import QApplication
 
     from napari_sam.build import build_sam_type
@@ -63,10 +64,15 @@ def main() -> None:
     engine = widget.engine
 
     def wait_idle(timeout_s: float = 600) -> None:
+        """Run the Qt event loop (as napari does) until the widget has nothing left to do."""
+        loop = QEventLoop()
         end = time.perf_counter() + timeout_s
-        while widget.busy and time.perf_counter() < end:
-            app.processEvents()
-            time.sleep(0.002)
+        check = QTimer()
+        check.setInterval(50)
+        check.timeout.connect(lambda: loop.quit() if not widget.busy or time.perf_counter() > end else None)
+        check.start()
+        loop.exec_()
+        check.stop()
 
     # torch's thread count in a fresh napari worker (before the engine adopts the main thread's).
     seen: list[int] = []
@@ -83,10 +89,13 @@ def main() -> None:
 
     spans: list[tuple[float, float]] = []
 
+    cpu: list[float] = []
+
     def timed_steps(array):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = yield from original(array)
         end = time.perf_counter()
+        cpu.append(time.process_time() - cpu_start)
         timings.append(("thread", end - start, torch.get_num_threads()))
         spans.append((start, end))
         return result
@@ -94,11 +103,12 @@ def main() -> None:
     engine.embedding_steps = timed_steps
 
     wait_idle()  # the widget's first (warm-up) embedding
-    direct, worker, stalls, whole = [], [], [], []
+    direct, worker, stalls, whole, direct_cpu = [], [], [], [], []
     for repeat in range(args.repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         drain(original(rgb))
         direct.append(time.perf_counter() - start)
+        direct_cpu.append(time.process_time() - cpu_start)
 
         engine.cache.clear()
         ticks: list[float] = [time.perf_counter()]
@@ -115,6 +125,7 @@ def main() -> None:
         wait_idle()
         timer.stop()
         worker.append(timings[n_before][1])
+        worker_cpu = cpu[n_before]
         begin, end = spans[-1]
         t = np.asarray(ticks)
         gaps_ms = np.diff(t) * 1000
@@ -123,7 +134,8 @@ def main() -> None:
         stalls.append(float(during.max()))
         whole.append(float(gaps_ms.max()))
         print(
-            f"repeat {repeat}: direct {direct[-1]:.2f} s, worker {worker[-1]:.2f} s, worst stall during the "
+            f"repeat {repeat}: direct {direct[-1]:.2f} s (CPU {direct_cpu[-1]:.1f} s), worker {worker[-1]:.2f} s "
+            f"(CPU {worker_cpu:.1f} s, whole process), worst stall during the "
             f"embedding {during.max():.0f} ms ({len(during)} ticks, median gap {np.median(during):.1f} ms); "
             f"worst over the whole click (incl. drawing the result) {gaps_ms.max():.0f} ms",
             flush=True,
@@ -135,7 +147,12 @@ def main() -> None:
           f"widget worker {timings[-1][2]}")
     print(f"embedding direct (main thread, no napari): median {statistics.median(direct):.2f} s {np.round(direct, 2)}")
     print(f"embedding in napari worker:               median {statistics.median(worker):.2f} s {np.round(worker, 2)}")
-    print(f"worker / direct: {ratio:.3f} ({100 * (ratio - 1):+.1f} %)")
+    print(f"worker / direct: {ratio:.3f} ({100 * (ratio - 1):+.1f} %) wall time; "
+          f"best of each: {min(worker) / min(direct):.3f}")
+    cpu_ratio = statistics.median(cpu[-args.repeats:]) / statistics.median(direct_cpu)
+    print(f"process CPU time during the embedding, worker / direct: {cpu_ratio:.3f} "
+          f"(medians {statistics.median(cpu[-args.repeats:]):.1f} s / {statistics.median(direct_cpu):.1f} s)")
+    print(f"load average during the run: {os.getloadavg()} on {os.cpu_count()} cores")
     print(f"worst Qt event-loop stall while embedding: {max(stalls):.0f} ms (per run: {np.round(stalls)}, "
           f"tick {args.tick_ms} ms)")
     print(f"worst stall over the whole click, incl. GUI-thread work on the result: {max(whole):.0f} ms "
