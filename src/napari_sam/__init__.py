@@ -34,6 +34,7 @@ _EXPORTS = {
     "SamPredictor": "napari_sam.predictor",
     "SamAutomaticMaskGenerator": "napari_sam.automatic_mask_generator",
     "to_rgb_uint8": "napari_sam.utils.image",
+    "segment": "napari_sam._napari.api",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

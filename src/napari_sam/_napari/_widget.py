@@ -1,0 +1,701 @@
+"""The "Segment Anything" dock widget: thin wiring between napari layers and the core.
+
+All segmentation logic lives in :mod:`napari_sam.interactive`; this module builds the
+controls, listens to layer events, runs the engine in napari thread workers and writes results
+into layers.
+
+Keys (bound on the viewer and on the prompt layers; see the README):
+
+* ``C``: commit the current object(s) into the output Labels layer (next free ids)
+* ``Shift-C``: clear the prompts on the current slice
+* ``T``: toggle the polarity of new points (in select mode: also flip the selected points)
+* ``Shift`` + click in the Points layer's add mode: add a negative point
+* ``U`` / ``Shift-U``: undo / redo the last commit (napari's own Ctrl-Z / Ctrl-Shift-Z on
+  the output Labels layer undo commits too: every commit is recorded in its history)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Hashable, Optional
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+from napari.layers import Image, Labels, Points, Shapes
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+
+if TYPE_CHECKING:
+    import napari.viewer
+from qtpy.QtCore import QObject, QTimer, Signal
+
+from ..interactive.engine import ModelSpec, SamEngine, display_rgb, objects_to_labels
+from ..interactive.history import CommitHistory, next_free_id, plan_commit
+from ..interactive.prompts import NEGATIVE, POSITIVE, ObjectPrompt, SliceSpec, build_prompts
+from . import _layers
+
+_logger = logging.getLogger(__name__)
+
+DEBOUNCE_MS = 120
+NEW_LAYER = "(new layer)"
+MODEL_CHOICES = [
+    ("SAM ViT-B (known weights)", "vit_b"),
+    ("SAM ViT-L (known weights)", "vit_l"),
+    ("SAM ViT-H (known weights)", "vit_h"),
+    ("Checkpoint file (type detected)", "file"),
+    ("Small offline model (vit_test, random weights)", "vit_test"),
+]
+HINTS = (
+    "<b>Points</b>: click to add a positive point, <b>Shift</b>+click (or <b>T</b>) for negative.<br>"
+    "<b>Boxes</b>: draw rectangles (one object per box).<br>"
+    "<b>C</b> commit &nbsp; <b>Shift-C</b> clear prompts &nbsp; <b>U</b> / <b>Shift-U</b> undo / redo commit"
+)
+
+_WIDGETS: "weakref.WeakValueDictionary[int, SamWidget]" = weakref.WeakValueDictionary()
+
+
+def widget_for(viewer: Any) -> Optional["SamWidget"]:
+    """The Segment Anything widget opened on ``viewer``, if any."""
+    return _WIDGETS.get(id(getattr(viewer, "__wrapped__", viewer)))
+
+
+class _DownloadRelay(QObject):
+    """Carries download progress from a worker thread to the GUI thread (a queued Qt signal)."""
+
+    progressed = Signal(object, object)
+
+    def __call__(self, done: int, total: Optional[int]) -> None:
+        self.progressed.emit(done, total)
+
+
+@dataclass
+class _Request:
+    """A snapshot of everything one computation needs (taken on the GUI thread)."""
+
+    id: int
+    image: Image
+    data: Any
+    rgb: bool
+    spec: SliceSpec
+    contrast_limits: Optional[tuple[float, float]]
+    data_key: Hashable
+    objects: list[ObjectPrompt] = field(default_factory=list)
+
+    def cache_key(self, engine: SamEngine) -> Hashable:
+        return engine.cache_key(self.data_key, self.spec.key, self.contrast_limits)
+
+
+def compute(engine: SamEngine, request: _Request, download_progress: Any = None):
+    """Worker body: load the model if needed, embed the slice unless cached, predict.
+
+    A generator: yields ``(done, total)`` progress during the embedding; returns
+    ``(request, masks)``. Runs on a worker thread; touches no layer.
+    """
+    engine.adopt_thread_settings()
+    if engine.needs_loading:
+        engine.ensure_model(download_progress)
+    key = request.cache_key(engine)
+    embedding = engine.cache.get(key)
+    if embedding is None:
+        plane = request.spec.take(request.data, rgb=request.rgb)
+        rgb = display_rgb(plane, request.contrast_limits, request.rgb)
+        embedding = yield from engine.embedding_steps(rgb)
+        engine.cache.put(key, embedding)
+    masks = engine.predict_objects(embedding, request.objects) if request.objects else []
+    return request, masks
+
+
+class SamWidget(Container):
+    """Dock widget: choose image, model and layers; prompts re-run SAM on the current slice.
+
+    Args:
+        napari_viewer: the viewer (npe2 passes it by type annotation).
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        # napari hands plugins a PublicOnlyProxy of the viewer, which wraps every layer in a new
+        # proxy on each access; we keep the viewer itself so that layers keep their identity
+        # (caches, histories, ``napari_sam.segment`` from the console).
+        self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
+        self.engine = SamEngine()
+        self._histories: dict[int, CommitHistory] = {}
+        self._data_versions: dict[int, int] = {}
+        self._ids = itertools.count(1)
+        self._latest_id = 0
+        self._worker: Any = None
+        self._running: Optional[_Request] = None
+        self._pending: Optional[_Request] = None
+        self._commit_when_ready = False
+        self._ensuring = False
+        self._resetting = False
+        self._negative_mode = False
+        self._current: Optional[tuple[SliceSpec, list[np.ndarray]]] = None
+        self._current_region: Optional[tuple[Any, ...]] = None
+        self._last_outside = 0
+        self._connected: list[tuple[Any, Any]] = []
+        self._image_connected: Optional[Image] = None
+        self._hooked_points: "weakref.WeakSet[Points]" = weakref.WeakSet()
+
+        self._image_combo = ComboBox(label="Image", choices=self._image_choices, nullable=True)
+        self._model_combo = ComboBox(label="Model", choices=MODEL_CHOICES, value="vit_b")
+        self._checkpoint = FileEdit(label="Checkpoint", mode="r", filter="*.pth *.pt")
+        self._device_combo = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self._points_combo = ComboBox(label="Points", choices=self._points_choices)
+        self._boxes_combo = ComboBox(label="Boxes", choices=self._shapes_choices)
+        self._output_combo = ComboBox(label="Output", choices=self._labels_choices)
+        self._commit_btn = PushButton(text="Commit object [C]")
+        self._clear_btn = PushButton(text="Clear prompts [Shift-C]")
+        self._undo_btn = PushButton(text="Undo commit [U]")
+        self._redo_btn = PushButton(text="Redo commit [Shift-U]")
+        self._hints = Label(value=HINTS)
+        self._status = Label(value="Choose an image layer and add prompts.")
+        self._checkpoint.visible = False
+        self.extend(
+            [
+                self._image_combo,
+                self._model_combo,
+                self._checkpoint,
+                self._device_combo,
+                self._points_combo,
+                self._boxes_combo,
+                self._output_combo,
+                Container(widgets=[self._commit_btn, self._clear_btn], layout="horizontal", labels=False),
+                Container(widgets=[self._undo_btn, self._redo_btn], layout="horizontal", labels=False),
+                self._hints,
+                self._status,
+            ]
+        )
+        self._hints.native.setWordWrap(True)
+        self._status.native.setWordWrap(True)
+
+        self._closed = False
+        self._relay = _DownloadRelay(self.native)
+        self._relay.progressed.connect(self._on_download_progress)
+        self._timer = QTimer(self.native)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(DEBOUNCE_MS)
+        self._timer.timeout.connect(self.request_prediction)
+
+        self._image_combo.changed.connect(self._on_image_changed)
+        self._model_combo.changed.connect(self._on_model_changed)
+        self._checkpoint.changed.connect(self._on_model_changed)
+        self._device_combo.changed.connect(self._on_model_changed)
+        self._points_combo.changed.connect(self._on_prompt_layers_changed)
+        self._boxes_combo.changed.connect(self._on_prompt_layers_changed)
+        self._commit_btn.changed.connect(self.commit)
+        self._clear_btn.changed.connect(self.clear_prompts)
+        self._undo_btn.changed.connect(self.undo)
+        self._redo_btn.changed.connect(self.redo)
+
+        layers = self.viewer.layers
+        for emitter in (layers.events.inserted, layers.events.removed, layers.events.moved):
+            self._listen(emitter, self._reset_layer_choices)
+        self._listen(self.viewer.dims.events.current_step, self._on_slice_changed)
+        self._listen(self.viewer.dims.events.ndisplay, self._on_slice_changed)
+        self._bind_keys(self.viewer)
+        self.native.destroyed.connect(self._disconnect_all)
+        self._set_spec()
+        _WIDGETS[id(self.viewer)] = self
+        if self._image_combo.value is None:
+            self._image_combo.value = self._default_image()
+        else:
+            self._on_image_changed(self._image_combo.value)
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _listen(self, emitter: Any, callback: Any) -> None:
+        emitter.connect(callback)
+        self._connected.append((emitter, callback))
+
+    def _default_image(self) -> Optional[Image]:
+        active = self.viewer.layers.selection.active
+        if isinstance(active, Image):
+            return active
+        images = self._image_choices()
+        return images[-1] if images else None
+
+    def _image_choices(self, *_: Any) -> list[Image]:
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _points_choices(self, *_: Any) -> list[Any]:
+        return [(NEW_LAYER, None)] + [(l.name, l) for l in self.viewer.layers if isinstance(l, Points)]
+
+    def _shapes_choices(self, *_: Any) -> list[Any]:
+        return [(NEW_LAYER, None)] + [(l.name, l) for l in self.viewer.layers if isinstance(l, Shapes)]
+
+    def _labels_choices(self, *_: Any) -> list[Any]:
+        current = self.current_layer
+        return [(NEW_LAYER, None)] + [
+            (l.name, l) for l in self.viewer.layers if isinstance(l, Labels) and l is not current
+        ]
+
+    def _reset_layer_choices(self, event: Any = None) -> None:
+        if self._closed:
+            return None
+        self._resetting = True  # a removed layer is not a request for a new one
+        try:
+            for combo in (self._image_combo, self._points_combo, self._boxes_combo, self._output_combo):
+                combo.reset_choices()
+        finally:
+            self._resetting = False
+
+    def _disconnect_all(self, *_: Any) -> None:
+        """Stop listening to napari and drop pending work (the Qt widget is going away)."""
+        self._closed = True
+        self.cancel()
+        for emitter, callback in self._connected:
+            try:
+                emitter.disconnect(callback)
+            except (TypeError, ValueError, RuntimeError):
+                pass
+        self._connected.clear()
+        if _WIDGETS.get(id(self.viewer)) is self:
+            del _WIDGETS[id(self.viewer)]
+
+    def close(self) -> None:
+        self._timer.stop()
+        self._disconnect_all()
+        super().close()
+
+    def cancel(self) -> None:
+        """Stop the running computation (at its next yield) and drop the pending one."""
+        self._pending = None
+        if self._worker is not None:
+            self._worker.quit()
+
+    # -- selected layers ----------------------------------------------------------------------
+    @property
+    def image_layer(self) -> Optional[Image]:
+        return self._image_combo.value
+
+    @property
+    def points_layer(self) -> Optional[Points]:
+        return self._points_combo.value
+
+    @property
+    def shapes_layer(self) -> Optional[Shapes]:
+        return self._boxes_combo.value
+
+    @property
+    def output_layer(self) -> Optional[Labels]:
+        return self._output_combo.value
+
+    @property
+    def current_layer(self) -> Optional[Labels]:
+        image = self.image_layer
+        return None if image is None else _layers.find_layer(self.viewer, "current", image)
+
+    def _on_image_changed(self, image: Optional[Image]) -> None:
+        if self._image_connected is not None:
+            for emitter, callback in list(self._connected):
+                if getattr(emitter, "source", None) is self._image_connected:
+                    emitter.disconnect(callback)
+                    self._connected.remove((emitter, callback))
+        self._image_connected = image
+        self._current = None
+        self._current_region = None
+        if image is None:
+            return
+        self._listen(image.events.contrast_limits, self.schedule)
+        self._listen(image.events.data, self._on_image_data)
+        self.ensure_layers(image)
+        self.schedule()
+
+    def ensure_layers(self, image: Image) -> None:
+        """Select (or create) the prompt, current-object and output layers for ``image``."""
+        find = _layers.find_layer
+        viewer = self.viewer
+        self._ensuring = True
+        try:
+            self._ensure_layers(image, find, viewer)
+        finally:
+            self._ensuring = False
+        self._on_prompt_layers_changed()
+        self.viewer.layers.selection.active = self.points_layer
+        self.points_layer.mode = "add"
+
+    def _ensure_layers(self, image: Image, find: Any, viewer: Any) -> None:
+        points = find(viewer, "points", image) or _layers.make_points_layer(viewer, image)
+        boxes = find(viewer, "boxes", image) or _layers.make_boxes_layer(viewer, image)
+        if find(viewer, "current", image) is None:
+            _layers.make_labels_layer(viewer, image, "current", "SAM current object", opacity=0.6)
+        output = find(viewer, "output", image) or _layers.make_labels_layer(viewer, image, "output", "SAM labels")
+        self._reset_layer_choices()
+        self._points_combo.value = points
+        self._boxes_combo.value = boxes
+        self._output_combo.value = output
+
+    def _on_prompt_layers_changed(self, _: Any = None) -> None:
+        image = self.image_layer
+        if image is None:
+            return
+        if self._ensuring:
+            return
+        if self._resetting:
+            self.schedule()
+            return
+        if self._points_combo.value is None:
+            self._points_combo.value = _layers.make_points_layer(self.viewer, image)
+            return
+        if self._boxes_combo.value is None:
+            self._boxes_combo.value = _layers.make_boxes_layer(self.viewer, image)
+            return
+        points, boxes = self.points_layer, self.shapes_layer
+        if points is not None and points not in self._hooked_points:
+            _layers.style_prompt_points(points)
+            points.mouse_drag_callbacks.insert(0, self._on_points_press)
+            self._bind_keys(points)
+            self._listen(points.events.data, self._on_prompts_changed)
+            self._hooked_points.add(points)
+        if boxes is not None and not getattr(boxes, "_napari_sam_hooked", False):
+            self._bind_keys(boxes)
+            self._listen(boxes.events.data, self._on_prompts_changed)
+            boxes._napari_sam_hooked = True  # noqa: SLF001 - our own marker attribute
+        self.schedule()
+
+    def _on_image_data(self, event: Any = None) -> None:
+        image = self.image_layer
+        if image is not None:
+            self._data_versions[id(image)] = self._data_versions.get(id(image), 0) + 1
+            self.schedule()
+
+    def _data_key(self, image: Image) -> Hashable:
+        array = _layers.image_array(image)
+        return (id(image), id(array), self._data_versions.get(id(image), 0), tuple(array.shape), str(array.dtype))
+
+    # -- model ----------------------------------------------------------------------------------
+    def model_spec(self) -> ModelSpec:
+        """The model chosen in the widget."""
+        choice = self._model_combo.value
+        checkpoint = None
+        if choice == "file":
+            path = os.fspath(self._checkpoint.value) if self._checkpoint.value else ""
+            checkpoint = path if path and path != "." else None
+            if checkpoint is None or not os.path.isfile(checkpoint):
+                raise ValueError(f"Choose a SAM checkpoint file (.pth); {path!r} is not a file.")
+        return ModelSpec("auto" if choice == "file" else choice, checkpoint, self._device_combo.value)
+
+    def _set_spec(self) -> bool:
+        self._checkpoint.visible = self._model_combo.value == "file"
+        try:
+            self.engine.set_spec(self.model_spec())
+        except ValueError as error:
+            self._status.value = str(error)
+            return False
+        return True
+
+    def set_model(self, model: Any) -> None:
+        """Use an already built ``Sam`` module (e.g. from a script)."""
+        self.engine.set_model(model)
+        self.schedule()
+
+    def _on_model_changed(self, _: Any = None) -> None:
+        if self._set_spec():
+            self._status.value = f"Model: {self.engine.spec.label} (loads on first use)."
+            self.schedule()
+
+    # -- events ---------------------------------------------------------------------------------
+    def schedule(self, event: Any = None) -> None:
+        """Ask for a new prediction after a short quiet period (debounced)."""
+        if self._closed:
+            return None
+        self._timer.start()
+
+    def _on_slice_changed(self, event: Any = None) -> None:
+        self._clear_current_display()
+        self.schedule()
+
+    def _on_prompts_changed(self, event: Any = None) -> None:
+        action = str(getattr(event, "action", "changed"))
+        if action.endswith("ing"):  # "adding", "removing", "changing": wait for the result
+            return
+        points = self.points_layer
+        if points is not None and action.endswith("added"):
+            points.feature_defaults = {"label": NEGATIVE if self._negative_mode else POSITIVE}
+        self.schedule()
+
+    def _on_points_press(self, layer: Points, event: Any) -> None:
+        """Shift + click in add mode adds a negative point (or a positive one in negative mode)."""
+        if layer.mode != "add":
+            return
+        shift = "Shift" in [str(getattr(m, "name", m)) for m in event.modifiers]
+        negative = shift != self._negative_mode
+        layer.feature_defaults = {"label": NEGATIVE if negative else POSITIVE}
+
+    # -- requests and workers -------------------------------------------------------------------
+    def make_request(self) -> Optional[_Request]:
+        """Snapshot the current slice and prompts; None (with a message) when not possible."""
+        image = self.image_layer
+        if image is None:
+            self._status.value = "No image layer: open an image first."
+            return None
+        try:
+            spec = _layers.current_slice(self.viewer, image)
+            points, labels = _layers.prompt_points(self.points_layer, image)
+            boxes = _layers.prompt_boxes(self.shapes_layer, image)
+            prompts = build_prompts(spec, points, labels, boxes)
+        except ValueError as error:
+            show_warning(str(error))
+            return None
+        if prompts.n_outside and prompts.n_outside != self._last_outside:
+            show_warning(f"{prompts.n_outside} prompt(s) outside the image were ignored.")
+        self._last_outside = prompts.n_outside
+        limits = tuple(float(v) for v in image.contrast_limits)
+        return _Request(
+            next(self._ids), image, _layers.image_array(image), image.rgb, spec, limits, self._data_key(image),
+            prompts.objects,
+        )
+
+    def request_prediction(self) -> Optional[_Request]:
+        """Start (or queue) the computation for the current prompts; returns the request."""
+        if self._closed:
+            return None
+        self._timer.stop()
+        if self.engine.spec is None and self.engine.model is None and not self._set_spec():
+            return None
+        request = self.make_request()
+        if request is None:
+            return None
+        self._latest_id = request.id
+        if self._worker is None:
+            self._start(request)
+        else:
+            self._pending = request
+            running = self._running
+            if running is not None and running.cache_key(self.engine) != request.cache_key(self.engine):
+                self._worker.quit()  # stale embedding: stop at the next encoder block
+        return request
+
+    def _start(self, request: _Request) -> None:
+        progress: Any = None
+        if request.cache_key(self.engine) not in self.engine.cache:
+            total = 0 if self.engine.needs_loading else self.engine.embedding_step_count
+            progress = {"total": total, "desc": "SAM image embedding"}
+            self._status.value = "Computing the image embedding..."
+        handlers = {"returned": self._on_returned, "errored": self._on_errored, "finished": self._on_finished}
+        worker = create_worker(
+            compute, self.engine, request, self._relay, _progress=progress, _connect=handlers, _start_thread=False
+        )
+        self._worker, self._running = worker, request
+        worker.start()
+
+    @property
+    def worker(self) -> Any:
+        """The running napari worker (None when idle)."""
+        return self._worker
+
+    @property
+    def busy(self) -> bool:
+        """A computation is running, queued or about to be scheduled."""
+        return self._worker is not None or self._pending is not None or self._timer.isActive()
+
+    def _on_finished(self) -> None:
+        self._worker, self._running = None, None
+        if self._closed:
+            return
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._start(pending)
+
+    def _on_download_progress(self, done: int, total: Optional[int]) -> None:
+        if self._closed:
+            return
+        size = f"{done / 2**20:.0f} / {total / 2**20:.0f} MiB" if total else f"{done / 2**20:.0f} MiB"
+        self._status.value = f"Downloading {self.engine.spec.label if self.engine.spec else 'weights'}: {size}"
+
+    def _on_errored(self, error: Exception) -> None:
+        if self._closed:
+            return None
+        self._commit_when_ready = False
+        self._status.value = f"Error: {error}"
+        show_error(f"Segment Anything: {error}")
+
+    def _on_returned(self, result: tuple[_Request, list[np.ndarray]]) -> None:
+        if self._closed:
+            return None
+        request, masks = result
+        if request.id != self._latest_id or request.image is not self.image_layer:
+            return  # superseded by a newer request
+        self._show_current(request.spec, masks)
+        n = len(masks)
+        self._status.value = f"{n} object(s) on this slice." if n else "Embedding ready: add points or boxes."
+        if self._commit_when_ready:
+            self._commit_when_ready = False
+            self.commit()
+
+    # -- current object -------------------------------------------------------------------------
+    def _ensure_current_layer(self) -> Optional[Labels]:
+        image = self.image_layer
+        if image is None:
+            return None
+        layer = self.current_layer
+        if layer is None or tuple(layer.data.shape) != _layers.spatial_shape(image):
+            layer = _layers.make_labels_layer(self.viewer, image, "current", "SAM current object", opacity=0.6)
+            self._current_region = None
+            self._reset_layer_choices()
+        return layer
+
+    def _clear_current_display(self) -> None:
+        layer = self.current_layer
+        if layer is not None and self._current_region is not None:
+            layer.data[self._current_region] = 0
+            layer.refresh()
+        self._current_region = None
+        self._current = None
+
+    def _show_current(self, spec: SliceSpec, masks: list[np.ndarray]) -> None:
+        layer = self._ensure_current_layer()
+        if layer is None:
+            return
+        if self._current_region is not None:
+            layer.data[self._current_region] = 0
+        plane = objects_to_labels(masks, spec.plane_shape, layer.data.dtype)
+        layer.data[spec.region()] = plane.T if spec.row_axis > spec.col_axis else plane
+        self._current_region = spec.region()
+        self._current = (spec, masks)
+        layer.refresh()
+
+    # -- commits --------------------------------------------------------------------------------
+    def _history(self, layer: Labels) -> CommitHistory:
+        return self._histories.setdefault(id(layer), CommitHistory())
+
+    def _writer(self, layer: Labels):
+        def write(indices: tuple[np.ndarray, ...], values: np.ndarray) -> None:
+            layer.data_setitem(indices, np.asarray(values))  # recorded in napari's Labels undo history
+
+        return write
+
+    def _ensure_output(self) -> Optional[Labels]:
+        layer = self.output_layer
+        image = self.image_layer
+        if image is None:
+            return None
+        if layer is None:
+            layer = _layers.make_labels_layer(self.viewer, image, "output", "SAM labels")
+            self._reset_layer_choices()
+            self._output_combo.value = layer
+        if tuple(layer.data.shape) != _layers.spatial_shape(image):
+            show_error(
+                f"Output Labels layer {layer.name!r} has shape {layer.data.shape}, the image "
+                f"{_layers.spatial_shape(image)}: choose another output layer."
+            )
+            return None
+        return layer
+
+    def commit(self, _: Any = None) -> Optional[list[int]]:
+        """Commit the current object(s) into the output Labels layer with the next free ids.
+
+        Returns the ids given, or None when nothing was committed (or the commit waits for a
+        running prediction and happens when it arrives).
+        """
+        if self.busy:
+            self._commit_when_ready = True
+            self._status.value = "Committing when the prediction is ready..."
+            return None
+        if not self._current or not self._current[1]:
+            self._status.value = "Nothing to commit: add points or a box first."
+            return None
+        output = self._ensure_output()
+        if output is None:
+            return None
+        spec, masks = self._current
+        try:
+            edit = plan_commit(output.data, spec, masks, first_id=next_free_id(output.data))
+        except ValueError as error:
+            show_error(str(error))
+            return None
+        if edit is None:
+            self._status.value = "Nothing new to commit (the pixels already carry labels)."
+            return None
+        self._history(output).commit(edit, self._writer(output))
+        self._status.value = f"Committed label(s) {', '.join(map(str, edit.ids))} into {output.name!r}."
+        self.clear_prompts()
+        return edit.ids
+
+    def undo(self, _: Any = None) -> None:
+        """Undo the last commit into the output layer."""
+        output = self.output_layer
+        edit = None if output is None else self._history(output).undo(self._writer(output))
+        self._status.value = f"Undid label(s) {edit.ids}." if edit else "Nothing to undo."
+
+    def redo(self, _: Any = None) -> None:
+        """Redo the last undone commit."""
+        output = self.output_layer
+        edit = None if output is None else self._history(output).redo(self._writer(output))
+        self._status.value = f"Redid label(s) {edit.ids}." if edit else "Nothing to redo."
+
+    def clear_prompts(self, _: Any = None) -> None:
+        """Remove the points and boxes on the current slice and the current object."""
+        image = self.image_layer
+        if image is None:
+            return
+        try:
+            spec = _layers.current_slice(self.viewer, image)
+        except ValueError as error:
+            show_warning(str(error))
+            return
+        points, shapes = self.points_layer, self.shapes_layer
+        if points is not None and len(points.data):
+            on = spec.on_slice(_layers.to_image_frame(points, image, points.data))
+            if on.any():
+                points.selected_data = set(np.flatnonzero(on).tolist())
+                points.remove_selected()
+        if shapes is not None and len(shapes.data):
+            on = [bool(spec.on_slice(_layers.to_image_frame(shapes, image, v)).all()) for v in shapes.data]
+            if any(on):
+                shapes.selected_data = {i for i, flag in enumerate(on) if flag}
+                shapes.remove_selected()
+        self._clear_current_display()
+
+    def toggle_polarity(self, _: Any = None) -> None:
+        """Switch new points between positive and negative.
+
+        In the Points layer's select mode, the selected points are flipped too (in add mode
+        napari keeps the last added point selected, so nothing is flipped there).
+        """
+        self._negative_mode = not self._negative_mode
+        label = NEGATIVE if self._negative_mode else POSITIVE
+        points = self.points_layer
+        if points is not None:
+            selected = sorted(points.selected_data) if points.mode == "select" else []
+            if selected:
+                features = points.features.copy()
+                for i in selected:
+                    features.loc[features.index[i], "label"] = (
+                        POSITIVE if features["label"].iloc[i] == NEGATIVE else NEGATIVE
+                    )
+                points.features = features
+                points.refresh_colors()
+                self.schedule()
+            points.feature_defaults = {"label": label}
+        self._status.value = f"New points are {label}."
+        show_info(f"Segment Anything: new points are {label}.")
+
+    # -- keys -----------------------------------------------------------------------------------
+    def _bind_keys(self, target: Any) -> None:
+        ref = weakref.ref(self)
+
+        def call(method: str):
+            def handler(_: Any = None) -> None:
+                widget = ref()
+                if widget is not None:
+                    getattr(widget, method)()
+
+            handler.__doc__ = f"Segment Anything: {method.replace('_', ' ')}"
+            return handler
+
+        for key, method in KEYS.items():
+            target.bind_key(key, call(method), overwrite=True)
+
+
+KEYS = {
+    "C": "commit",
+    "Shift-C": "clear_prompts",
+    "T": "toggle_polarity",
+    "U": "undo",
+    "Shift-U": "redo",
+}

@@ -1,0 +1,156 @@
+"""``napari_sam.segment``: the widget's click-and-box segmentation from a script or the console."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from napari.layers import Image, Labels, Points, Shapes
+
+from ..interactive.engine import ModelSpec, SamEngine, as_spec, display_rgb, objects_to_labels
+from ..interactive.history import CommitHistory, next_free_id, plan_commit
+from ..interactive.prompts import build_prompts
+from . import _layers
+from ._widget import widget_for
+
+_ENGINES: dict[ModelSpec, SamEngine] = {}
+
+
+def _layer(viewer: Any, layer: Any, kind: type, what: str) -> Any:
+    if layer is None or isinstance(layer, kind):
+        return layer
+    if isinstance(layer, str) and layer in viewer.layers and isinstance(viewer.layers[layer], kind):
+        return viewer.layers[layer]
+    raise ValueError(f"{what} must be a napari {kind.__name__} layer or its name, got {layer!r}.")
+
+
+def _engine_for(model: Any, device: str, widget: Any) -> SamEngine:
+    from ..predictor import SamPredictor
+
+    if model is None:
+        if widget is None:
+            raise ValueError(
+                "No model: pass model= (a registry type such as 'vit_b', a checkpoint path, a Sam module or a "
+                "SamPredictor) or open the Segment Anything widget, whose model is then used."
+            )
+        return widget.engine
+    if isinstance(model, SamPredictor):
+        model = model.model
+    spec = as_spec(model, device)
+    if spec is None:  # a Sam module
+        engine = SamEngine(model=model)
+        return engine
+    if spec not in _ENGINES:
+        _ENGINES.clear()  # keep at most one script-side model in memory
+        _ENGINES[spec] = SamEngine(spec)
+    return _ENGINES[spec]
+
+
+def segment(
+    viewer: Any = None,
+    image_layer: Union[Image, str, None] = None,
+    points_layer: Union[Points, str, None] = None,
+    shapes_layer: Union[Shapes, str, None] = None,
+    model: Any = None,
+    *,
+    labels_layer: Union[Labels, str, None] = None,
+    device: str = "auto",
+    commit: bool = True,
+) -> Labels:
+    """Segment the objects prompted on the current slice, synchronously, and return the Labels.
+
+    The same code as the "Segment Anything" widget, for scripts and the napari console. Points
+    (feature ``label``: "positive" / "negative"; all positive without it) and shapes (each
+    shape's bounding box is one box prompt, one object per box) are read on the slice the viewer
+    shows, in the image layer's data frame (layers with other transforms are mapped through
+    world coordinates).
+
+    Args:
+        viewer: the napari viewer; default ``napari.current_viewer()``.
+        image_layer: the image (layer or name); default the widget's image, else the selected
+            image layer, else the top image layer.
+        points_layer: the point prompts; default the widget's / plugin's points layer of the image.
+        shapes_layer: the box prompts; default the widget's / plugin's boxes layer of the image.
+        model: a registry type ("vit_b", "vit_test", ...), a checkpoint path, a
+            ``napari_sam.modeling.Sam`` or a ``SamPredictor``; default the widget's model.
+        labels_layer: where to commit; default the widget's output layer, else the plugin's
+            "<image> SAM labels" layer (created, aligned with the image, when missing).
+        device: torch device for a ``model`` given by name or path ("auto", "cpu", "cuda", "mps").
+        commit: write the objects into ``labels_layer`` with the next free ids (undoable from the
+            widget when it is open, and always through napari's Labels history); False: write them
+            (ids 1..K) into the "current object" layer instead and return that layer.
+
+    Returns:
+        The Labels layer that received the objects.
+
+    Raises:
+        ValueError: no viewer, no image layer, no prompts on the current slice, a 3-D view, a
+            bad layer argument or no model.
+        FileNotFoundError, napari_sam.CheckpointError, RuntimeError: the model cannot be loaded.
+    """
+    if viewer is None:
+        import napari
+
+        viewer = napari.current_viewer()
+        if viewer is None:
+            raise ValueError("No napari viewer: pass viewer= or open napari first.")
+    widget = widget_for(viewer)
+    image = _layer(viewer, image_layer, Image, "image_layer")
+    if image is None and widget is not None:
+        image = widget.image_layer
+    if image is None:
+        active = viewer.layers.selection.active
+        images = [layer for layer in viewer.layers if isinstance(layer, Image)]
+        image = active if isinstance(active, Image) else (images[-1] if images else None)
+    if image is None:
+        raise ValueError("No image layer: add an image to the viewer or pass image_layer=.")
+    same_image = widget is not None and widget.image_layer is image
+    points = _layer(viewer, points_layer, Points, "points_layer")
+    if points is None:
+        points = widget.points_layer if same_image else _layers.find_layer(viewer, "points", image)
+    shapes = _layer(viewer, shapes_layer, Shapes, "shapes_layer")
+    if shapes is None:
+        shapes = widget.shapes_layer if same_image else _layers.find_layer(viewer, "boxes", image)
+
+    spec = _layers.current_slice(viewer, image)
+    coords, labels = _layers.prompt_points(points, image)
+    prompts = build_prompts(spec, coords, labels, _layers.prompt_boxes(shapes, image))
+    if not prompts.objects:
+        raise ValueError(
+            f"No prompts on the current slice of {image.name!r}: add positive points or boxes "
+            f"({prompts.n_outside} prompt(s) lay outside the image)."
+        )
+    engine = _engine_for(model, device, widget)
+    limits = tuple(float(v) for v in image.contrast_limits)
+    array = _layers.image_array(image)
+    data_key = widget._data_key(image) if widget is not None else (id(image), id(array), array.shape, str(array.dtype))
+    key = engine.cache_key(data_key, spec.key, limits)
+    embedding = engine.cache.get(key)
+    if embedding is None:
+        rgb = display_rgb(spec.take(array, rgb=image.rgb), limits, image.rgb)
+        embedding = engine.embed(rgb, key)
+    masks = engine.predict_objects(embedding, prompts.objects)
+
+    if not commit:
+        target = _layers.find_layer(viewer, "current", image)
+        if target is None:
+            target = _layers.make_labels_layer(viewer, image, "current", "SAM current object", opacity=0.6)
+        target.data[spec.region()] = 0
+        plane = objects_to_labels(masks, spec.plane_shape, target.data.dtype)
+        target.data[spec.region()] = plane.T if spec.row_axis > spec.col_axis else plane
+        target.refresh()
+        return target
+
+    target = _layer(viewer, labels_layer, Labels, "labels_layer")
+    if target is None:
+        target = widget.output_layer if same_image else _layers.find_layer(viewer, "output", image)
+    if target is None:
+        target = _layers.make_labels_layer(viewer, image, "output", "SAM labels")
+    edit = plan_commit(target.data, spec, masks, first_id=next_free_id(target.data))
+    if edit is not None:
+        history = widget._history(target) if widget is not None else CommitHistory()
+
+        def write(indices: Any, values: Any) -> None:
+            target.data_setitem(indices, values)
+
+        history.commit(edit, write)
+    return target
