@@ -1,0 +1,154 @@
+"""Automatic segmentation of napari image slices into one label image (Qt-free core).
+
+Runs :meth:`napari_sam.SamAutomaticMaskGenerator.generate_iter` on one or several 2-D
+slices as they are displayed (contrast limits applied, see
+:func:`~napari_sam.interactive.engine.display_rgb`) and paints the masks into a label
+image: mask *i* of a slice (in the generator's record order) gets id ``offset + i + 1``;
+where masks overlap, the **smaller mask stays visible** (larger masks are painted first).
+A features table gives every id's predicted IoU, stability score, area and bbox.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Generator, Optional, Sequence
+
+import numpy as np
+
+from .prompts import SliceSpec
+
+# Every AMG setting the widget offers: (name, default, tooltip). Defaults are the reference's.
+AMG_SETTINGS: tuple[tuple[str, Any, str], ...] = (
+    ("points_per_side", 32, "Points sampled along each side of the image: a grid of n x n point prompts."),
+    ("points_per_batch", 64, "Points decoded together. Larger is faster but uses more memory; also the progress step."),
+    ("pred_iou_thresh", 0.88, "Keep masks whose predicted IoU (the model's own quality estimate) is above this."),
+    ("stability_score_thresh", 0.95, "Keep masks whose stability score (IoU of the mask at logit +-offset) is at least this."),
+    ("stability_score_offset", 1.0, "Logit offset used to compute the stability score."),
+    ("box_nms_thresh", 0.7, "Box IoU above which duplicate masks are removed (non-maximum suppression)."),
+    ("crop_n_layers", 0, "Extra passes on zoomed-in crops (layer i has (2^i)^2 crops): finds small objects, slower."),
+    ("crop_nms_thresh", 0.7, "Box IoU above which duplicates from different crops are removed."),
+    ("crop_overlap_ratio", 512 / 1500, "Overlap between neighbouring crops, as a fraction of the image's short side."),
+    ("crop_n_points_downscale_factor", 1, "Crop layer i uses points_per_side / factor^i points per side."),
+    ("min_mask_region_area", 0, "Fill holes and remove islands smaller than this many pixels (0: off)."),
+)
+
+FEATURE_COLUMNS = ("label", "predicted_iou", "stability_score", "area", "bbox_x0", "bbox_y0", "bbox_w", "bbox_h")
+
+
+@dataclass
+class AutomaticProgress:
+    """Progress over all slices: ``done`` of ``total`` point batches, on slice ``slice_index``."""
+
+    done: int
+    total: int
+    slice_index: int
+    slices: int
+    masks: int
+
+
+@dataclass
+class AutomaticResult:
+    """Label images of the segmented slices and one features row per label id."""
+
+    slices: list[SliceSpec]
+    labels: list[np.ndarray]
+    features: dict[str, list] = field(default_factory=lambda: {name: [] for name in FEATURE_COLUMNS})
+
+
+def records_to_labels(
+    records: Sequence[dict[str, Any]], shape: tuple[int, int], offset: int = 0
+) -> tuple[np.ndarray, dict[str, list]]:
+    """Paint AMG records (``binary_mask`` output) into an HxW uint32 label image.
+
+    Args:
+        records: ``SamAutomaticMaskGenerator`` records with boolean ``segmentation``.
+        shape: (H, W).
+        offset: the first record gets id ``offset + 1``.
+
+    Returns:
+        labels (HxW uint32; larger masks painted first so smaller ones stay visible) and
+        the features columns (one row per record, ``label`` = its id).
+    """
+    labels = np.zeros(shape, dtype=np.uint32)
+    features: dict[str, list] = {name: [] for name in FEATURE_COLUMNS}
+    order = sorted(range(len(records)), key=lambda i: -int(records[i]["area"]))  # stable: ties keep order
+    for i in order:
+        labels[np.asarray(records[i]["segmentation"], dtype=bool)] = offset + i + 1
+    for i, record in enumerate(records):
+        x0, y0, w, h = record["bbox"]
+        row = (offset + i + 1, float(record["predicted_iou"]), float(record["stability_score"]), int(record["area"]),
+               x0, y0, w, h)
+        for name, value in zip(FEATURE_COLUMNS, row):
+            features[name].append(value)
+    return labels, features
+
+
+def automatic_steps(
+    generator: Any,
+    planes: Sequence[tuple[SliceSpec, np.ndarray]],
+    offset: int = 0,
+) -> Generator[AutomaticProgress, None, AutomaticResult]:
+    """Segment every given slice, yielding progress after each point batch.
+
+    Args:
+        generator: a ``SamAutomaticMaskGenerator`` with ``output_mode="binary_mask"``.
+        planes: (slice, HxWx3 uint8 RGB as displayed) pairs.
+        offset: ids start after this value (e.g. the largest id already in the output layer).
+
+    Returns:
+        An :class:`AutomaticResult`. Stopping the iteration (closing the generator) cancels
+        between batches and releases the image embedding.
+    """
+    per_slice = [
+        sum(-(-len(generator.point_grids[layer]) // generator.points_per_batch) for layer in _layers_of(generator))
+        for _ in planes
+    ]
+    total, done = sum(per_slice), 0
+    result = AutomaticResult(slices=[], labels=[])
+    for index, (spec, rgb) in enumerate(planes):
+        runner = generator.generate_iter(rgb)
+        try:
+            while True:
+                try:
+                    progress = next(runner)
+                except StopIteration as stop:
+                    records = stop.value
+                    break
+                yield AutomaticProgress(done + progress.done, total, index, len(planes), progress.kept)
+        finally:
+            runner.close()
+        done += per_slice[index]
+        labels, features = records_to_labels(records, rgb.shape[:2], offset)
+        offset += len(records)
+        result.slices.append(spec)
+        result.labels.append(labels)
+        for name in FEATURE_COLUMNS:
+            result.features[name].extend(features[name])
+    return result
+
+
+def _layers_of(generator: Any) -> list[int]:
+    """Crop layer index of every crop the generator will visit (1 + 4 + 16 ... crops)."""
+    return [layer for layer in range(generator.crop_n_layers + 1) for _ in range((2**layer) ** 2)]
+
+
+def all_slices(spec: SliceSpec) -> list[SliceSpec]:
+    """Every slice parallel to ``spec`` (same displayed axes), in C order of the other axes."""
+    others = [axis for axis in range(spec.ndim) if axis not in spec.displayed]
+    out = []
+    for position in np.ndindex(*[spec.shape[axis] for axis in others]):
+        index = list(spec.index)
+        for axis, value in zip(others, position):
+            index[axis] = value
+        out.append(SliceSpec(spec.shape, spec.row_axis, spec.col_axis, tuple(index)))
+    return out
+
+
+def write_slice(target: np.ndarray, spec: SliceSpec, labels: np.ndarray) -> None:
+    """Store an HxW label image into the nD ``target`` at ``spec`` (replacing that slice)."""
+    view = target[spec.region()]
+    view[...] = labels.T if spec.row_axis > spec.col_axis else labels
+
+
+def optional_int(value: Optional[int]) -> Optional[int]:
+    return None if value is None else int(value)
