@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import math
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .common import LayerNorm2d
 from .mask_decoder import MaskDecoder
 from .transformer import Attention, TwoWayAttentionBlock
 
@@ -243,6 +245,23 @@ class PromptBatchDecoder:
 
     # -- masks -----------------------------------------------------------------------------
 
+    def _upscale(self, grid: torch.Tensor) -> torch.Tensor:
+        """``decoder.output_upscaling`` on a channels_last grid, LayerNorm2d as one fused op.
+
+        The channel LayerNorm of a channels_last tensor is ``F.layer_norm`` over the last axis
+        of its NHWC view (same formula, eps and affine; rounding differs slightly from the
+        reference's hand-written mean/variance). Other module layouts run unchanged.
+        """
+        layers = list(self.decoder.output_upscaling)
+        if len(layers) != 5 or not isinstance(layers[1], LayerNorm2d):
+            return self.decoder.output_upscaling(grid)
+        conv1, norm, act1, conv2, act2 = layers
+        x = conv1(grid)
+        nhwc = x.permute(0, 2, 3, 1)
+        nhwc = F.layer_norm(nhwc, (nhwc.shape[-1],), norm.weight.to(nhwc.dtype), norm.bias.to(nhwc.dtype), norm.eps)
+        x = act1(nhwc.permute(0, 3, 1, 2))
+        return act2(conv2(x))
+
     def masks(
         self,
         mask_tokens: torch.Tensor,
@@ -280,7 +299,7 @@ class PromptBatchDecoder:
             prompts = unique_prompts[start : start + chunk]
             # BxLxC is the channels_last layout of BxCxhxw: a view, no copy.
             grid = image_tokens[prompts].transpose(1, 2).view(prompts.shape[0], channels, height, width)
-            upscaled = decoder.output_upscaling(grid)  # P x C/8 x 4h x 4w (channels_last)
+            upscaled = self._upscale(grid)  # P x C/8 x 4h x 4w (channels_last)
             p, c, h, w = upscaled.shape
             pixels = upscaled.permute(0, 2, 3, 1).reshape(p, h * w, c)  # view when channels_last
             rows = (inverse >= start) & (inverse < start + prompts.shape[0])
