@@ -1,0 +1,467 @@
+"""``SamAutomaticMaskGenerator``: segment everything by prompting SAM with a grid of points.
+
+Drop-in for the reference's ``segment_anything.SamAutomaticMaskGenerator``: same
+constructor, defaults and records, in the same order, for all three output modes, with crop
+layers, cross-crop de-duplication and small-region clean-up (scikit-image instead of
+OpenCV). Differences that do not change the records:
+
+* the mask decoder runs through :class:`~napari_sam.modeling.prompt_batch_decoder.PromptBatchDecoder`
+  (prompt-independent work once per image, attention factored through the few prompt tokens);
+* masks are filtered by predicted IoU on the low-res logits, and only the survivors are
+  upscaled, scored for stability, thresholded and run-length encoded, a few at a time
+  (bounded memory: the reference holds full-resolution logits of 3 x points_per_batch masks);
+* points reach the model as float32 (the reference passes float64, which MPS rejects);
+* any image ``SamPredictor.set_image`` accepts (grayscale, RGBA, 16-bit, float) is converted
+  once by :func:`~napari_sam.utils.image.to_rgb_uint8`;
+* :meth:`SamAutomaticMaskGenerator.generate_iter` yields progress after every batch of
+  points and can be stopped between batches (``close()`` the generator, or stop iterating).
+
+Reference semantics kept (see ``docs``/``sam-reference.md`` section 2): predicted-IoU filter is
+strict ``>`` and applied only when the threshold is > 0; stability ``>=``, only when > 0;
+stability on full-resolution logits at +-offset; inclusive boxes; boxes within 20 px of a crop
+edge that is not an image edge are dropped; NMS is torchvision's with the reference's scores
+(predicted IoU within a crop, 1 / crop area across crops, 0/1 after small-region clean-up).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Generator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .modeling import Sam
+from .modeling.prompt_batch_decoder import PromptBatchDecoder, dense_no_mask_embedding
+from .predictor import SamPredictor, autocast_context
+from .utils.amg import (
+    area_from_rle,
+    batched_mask_to_box,
+    box_xyxy_to_xywh,
+    build_all_layer_point_grids,
+    calculate_stability_score,
+    coco_encode_rle,
+    crop_box_scores,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    mask_to_rle,
+    nms_keep,
+    remove_small_regions,
+    rle_to_mask,
+)
+from .utils.image import to_rgb_uint8
+
+_logger = logging.getLogger(__name__)
+
+OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+
+# Elements of float32 logits upscaled at once (256 MB); bounds memory on large images.
+_UPSCALE_BUDGET = 1 << 26
+
+
+@dataclass(frozen=True)
+class AmgProgress:
+    """Progress of :meth:`SamAutomaticMaskGenerator.generate_iter`, yielded after each batch.
+
+    Attributes:
+        done: batches of points processed so far (all crops).
+        total: batches of points in the whole run.
+        crop_index: 0-based index of the current crop (0 is the whole image).
+        n_crops: number of crops.
+        masks_so_far: masks kept so far (before the NMS of the current crop).
+    """
+
+    done: int
+    total: int
+    crop_index: int
+    n_crops: int
+    masks_so_far: int
+
+    @property
+    def fraction(self) -> float:
+        """done / total (1.0 when there is nothing to do)."""
+        return self.done / self.total if self.total else 1.0
+
+
+@dataclass
+class MaskData:
+    """Masks kept so far, one row per mask (all fields filtered together).
+
+    Attributes:
+        rles: uncompressed RLEs in the image frame.
+        boxes: Kx4 int64 inclusive XYXY boxes (crop frame until the crop is finished).
+        iou_preds: K float32 predicted IoU.
+        points: Kx2 float64 (x, y) prompt points (crop frame until the crop is finished).
+        stability_score: K float32.
+        crop_boxes: Kx4 int64 XYXY crop boxes.
+    """
+
+    rles: list = field(default_factory=list)
+    boxes: torch.Tensor = field(default_factory=lambda: torch.zeros((0, 4), dtype=torch.int64))
+    iou_preds: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    points: torch.Tensor = field(default_factory=lambda: torch.zeros((0, 2), dtype=torch.float64))
+    stability_score: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    crop_boxes: torch.Tensor = field(default_factory=lambda: torch.zeros((0, 4), dtype=torch.int64))
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+    def filter(self, keep: torch.Tensor) -> "MaskData":
+        """Rows ``keep`` (int64 indices, in that order, or a boolean mask)."""
+        keep = keep.cpu()
+        if keep.dtype == torch.bool:
+            keep = keep.nonzero().squeeze(1)
+        index = keep.tolist()
+        return MaskData(
+            rles=[self.rles[i] for i in index],
+            boxes=self.boxes[keep],
+            iou_preds=self.iou_preds[keep],
+            points=self.points[keep],
+            stability_score=self.stability_score[keep],
+            crop_boxes=self.crop_boxes[keep],
+        )
+
+    @staticmethod
+    def cat(parts: Sequence["MaskData"]) -> "MaskData":
+        """Rows of all parts, in order."""
+        if not parts:
+            return MaskData()
+        return MaskData(
+            rles=[rle for part in parts for rle in part.rles],
+            boxes=torch.cat([part.boxes for part in parts]),
+            iou_preds=torch.cat([part.iou_preds for part in parts]),
+            points=torch.cat([part.points for part in parts]),
+            stability_score=torch.cat([part.stability_score for part in parts]),
+            crop_boxes=torch.cat([part.crop_boxes for part in parts]),
+        )
+
+
+class SamAutomaticMaskGenerator:
+    """Generate masks for a whole image from a grid of point prompts.
+
+    Args:
+        model: the SAM model.
+        points_per_side: points sampled along each side of the image (grid of n*n); None
+            when ``point_grids`` is given.
+        points_per_batch: points decoded together (memory vs. overhead; also the progress step).
+        pred_iou_thresh: keep masks whose predicted IoU is > this (only when > 0).
+        stability_score_thresh: keep masks whose stability score is >= this (only when > 0).
+        stability_score_offset: shift of the logit threshold for the stability score.
+        box_nms_thresh: box IoU above which NMS drops duplicate masks within a crop.
+        crop_n_layers: extra crop layers; layer i has (2**i)**2 crops.
+        crop_nms_thresh: box IoU above which NMS drops duplicates across crops.
+        crop_overlap_ratio: overlap of first-layer crops as a fraction of the short side.
+        crop_n_points_downscale_factor: layer i uses points_per_side / factor**i points per side.
+        point_grids: explicit grids, one Nx2 float array of normalised (x, y) in [0, 1] per layer.
+        min_mask_region_area: if > 0, fill holes and remove islands smaller than this (pixels).
+        output_mode: "binary_mask" (HxW bool), "uncompressed_rle" or "coco_rle".
+        precision: "fp32" (the reference's results) or "bf16"/"fp16" (faster, approximate;
+            see :class:`~napari_sam.predictor.SamPredictor`). Keyword only.
+
+    Raises:
+        ValueError: both or neither of points_per_side / point_grids, too few point grids for
+            the crop layers, unknown output_mode or precision.
+    """
+
+    def __init__(
+        self,
+        model: Sam,
+        points_per_side: Optional[int] = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: Optional[list[np.ndarray]] = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+        *,
+        precision: str = "fp32",
+    ) -> None:
+        if (points_per_side is None) == (point_grids is None):
+            raise ValueError("Exactly one of points_per_side or point_grids must be given.")
+        if points_per_side is not None:
+            self.point_grids = build_all_layer_point_grids(
+                points_per_side, crop_n_layers, crop_n_points_downscale_factor
+            )
+        else:
+            self.point_grids = [np.asarray(grid, dtype=np.float64).reshape(-1, 2) for grid in point_grids]
+            if len(self.point_grids) < crop_n_layers + 1:
+                raise ValueError(
+                    f"point_grids has {len(self.point_grids)} grids; crop_n_layers={crop_n_layers} needs "
+                    f"{crop_n_layers + 1} (one per layer)."
+                )
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}.")
+        if output_mode == "coco_rle":
+            import pycocotools.mask  # noqa: F401  (fail early, as the reference)
+        if points_per_batch < 1:
+            raise ValueError(f"points_per_batch must be >= 1, got {points_per_batch}.")
+
+        self.predictor = SamPredictor(model, precision=precision)
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.box_nms_thresh = box_nms_thresh
+        self.crop_n_layers = crop_n_layers
+        self.crop_nms_thresh = crop_nms_thresh
+        self.crop_overlap_ratio = crop_overlap_ratio
+        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
+        self.min_mask_region_area = min_mask_region_area
+        self.output_mode = output_mode
+        self.precision = precision
+
+    # -- public API --------------------------------------------------------------------------
+
+    def generate(self, image: np.ndarray, contrast_limits: Optional[Sequence[float]] = None) -> list[dict[str, Any]]:
+        """Generate masks for ``image`` (runs :meth:`generate_iter` to the end).
+
+        Args:
+            image: HxWx3 uint8 RGB as in the reference; also HxW, HxWx1, HxWx4 and non-uint8
+                dtypes, converted by :func:`~napari_sam.utils.image.to_rgb_uint8`.
+            contrast_limits: (low, high) for non-uint8 images (default: robust percentiles).
+
+        Returns:
+            One record per mask, in the reference's order (NMS keep order), each a dict with
+            ``segmentation`` (HxW bool array, or an RLE dict per ``output_mode``), ``area``
+            (int pixels), ``bbox`` ([x0, y0, w, h] ints, inclusive box: w = x_max - x_min),
+            ``predicted_iou`` (float), ``point_coords`` ([[x, y]] floats, image frame),
+            ``stability_score`` (float) and ``crop_box`` ([x0, y0, w, h] ints).
+        """
+        runner = self.generate_iter(image, contrast_limits)
+        while True:
+            try:
+                next(runner)
+            except StopIteration as stop:
+                return stop.value
+
+    def generate_iter(
+        self, image: np.ndarray, contrast_limits: Optional[Sequence[float]] = None
+    ) -> Generator[AmgProgress, None, list[dict[str, Any]]]:
+        """Generate masks, yielding an :class:`AmgProgress` after every batch of points.
+
+        The records are the generator's return value (``StopIteration.value``; e.g.
+        ``records = yield from amg.generate_iter(image)``, or napari's ``thread_worker``
+        ``returned`` signal). To cancel, stop iterating and call ``close()`` (or drop the
+        generator): the image embedding and all partial results are released. No autocast
+        or no-grad state leaks into the caller between yields.
+
+        Args:
+            image: as :meth:`generate`.
+            contrast_limits: as :meth:`generate`.
+
+        Returns:
+            The records of :meth:`generate`.
+        """
+        rgb = to_rgb_uint8(image, contrast_limits)
+        orig_size = rgb.shape[:2]
+        crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
+        n_points = [len(self.point_grids[layer]) for layer in layer_idxs]
+        total = sum(-(-n // self.points_per_batch) for n in n_points)
+        done = 0
+        kept = 0
+        crops: list[MaskData] = []
+        try:
+            for crop_index, (crop_box, layer) in enumerate(zip(crop_boxes, layer_idxs)):
+                x0, y0, x1, y1 = crop_box
+                crop = rgb[y0:y1, x0:x1]
+                crop_size = crop.shape[:2]
+                with torch.no_grad():
+                    self.predictor.set_image(crop)
+                    with self._autocast():
+                        decoder = PromptBatchDecoder(
+                            self.predictor.model.mask_decoder,
+                            self.predictor.features,
+                            self.predictor.model.prompt_encoder.get_dense_pe(),
+                            dense_no_mask_embedding(self.predictor.model.prompt_encoder),
+                        )
+                # Grid (normalised x, y) scaled by the crop's (width, height), float64 as the reference.
+                points = self.point_grids[layer] * np.array(crop_size)[None, ::-1]
+                batches: list[MaskData] = []
+                for start in range(0, len(points), self.points_per_batch):
+                    with torch.no_grad():
+                        batch = self._process_batch(
+                            decoder, points[start : start + self.points_per_batch], crop_box, crop_size, orig_size
+                        )
+                    batches.append(batch)
+                    kept += len(batch)
+                    done += 1
+                    yield AmgProgress(done, total, crop_index, len(crop_boxes), kept)
+                del decoder
+                self.predictor.reset_image()
+                crops.append(self._finish_crop(MaskData.cat(batches), crop_box))
+                del batches
+
+            data = MaskData.cat(crops)
+            del crops
+            if len(crop_boxes) > 1 and len(data):
+                keep = nms_keep(data.boxes, crop_box_scores(data.crop_boxes), self.crop_nms_thresh)
+                data = data.filter(keep)
+            if self.min_mask_region_area > 0:
+                data = self.postprocess_small_regions(
+                    data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
+                )
+            return self._records(data)
+        finally:
+            self.predictor.reset_image()
+
+    # -- pipeline steps ----------------------------------------------------------------------------
+
+    def _autocast(self):
+        return autocast_context(self.predictor.device, self.precision)
+
+    def _process_batch(
+        self,
+        decoder: PromptBatchDecoder,
+        points: np.ndarray,
+        crop_box: list[int],
+        crop_size: tuple[int, int],
+        orig_size: tuple[int, int],
+    ) -> MaskData:
+        """Predict, filter and encode the masks of one batch of points (crop frame)."""
+        predictor = self.predictor
+        model = predictor.model
+        device = predictor.device
+        coords = predictor.transform.apply_coords(points, crop_size)
+        coords_t = torch.as_tensor(coords, dtype=torch.float32, device=device)[:, None, :]
+        labels_t = torch.ones((len(points), 1), dtype=torch.int32, device=device)
+        with self._autocast():
+            sparse, _ = model.prompt_encoder(points=(coords_t, labels_t), boxes=None, masks=None)
+            iou_preds, mask_tokens, image_tokens = decoder.run(sparse, multimask_output=True)
+        n_out = iou_preds.shape[1]
+        iou_flat = iou_preds.flatten()  # point-major, as the reference's flatten(0, 1)
+        keep = torch.ones_like(iou_flat, dtype=torch.bool)
+        if self.pred_iou_thresh > 0.0:
+            keep = iou_flat > self.pred_iou_thresh
+        candidates = keep.nonzero().squeeze(1)
+        if len(candidates) == 0:
+            return MaskData()
+        with self._autocast():
+            low_res = decoder.masks(
+                mask_tokens, image_tokens, candidates // n_out, candidates % n_out, multimask_output=True
+            )
+        del mask_tokens, image_tokens
+
+        height, width = crop_size
+        side = model.image_encoder.img_size
+        chunk = max(1, _UPSCALE_BUDGET // (side * side + height * width))
+        parts: list[MaskData] = []
+        for start in range(0, len(candidates), chunk):
+            rows = candidates[start : start + chunk]
+            logits = model.postprocess_masks(low_res[start : start + chunk, None], predictor.input_size, crop_size)[:, 0]
+            stability = calculate_stability_score(logits, model.mask_threshold, self.stability_score_offset)
+            if self.stability_score_thresh > 0.0:
+                ok = stability >= self.stability_score_thresh
+                logits, stability, rows = logits[ok], stability[ok], rows[ok.to(rows.device)]
+            masks = logits > model.mask_threshold
+            del logits
+            boxes = batched_mask_to_box(masks)
+            ok = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
+            if not bool(ok.all()):
+                masks, boxes, stability, rows = masks[ok], boxes[ok], stability[ok], rows[ok]
+            rows_cpu = rows.cpu()
+            parts.append(
+                MaskData(
+                    rles=mask_to_rle(masks, offset=crop_box[:2], size=orig_size),
+                    boxes=boxes.cpu(),
+                    iou_preds=iou_flat[rows].cpu(),
+                    points=torch.as_tensor(points[(rows_cpu // n_out).numpy()]).reshape(-1, 2),
+                    stability_score=stability.cpu(),
+                    crop_boxes=torch.zeros((len(rows_cpu), 4), dtype=torch.int64),
+                )
+            )
+            del masks
+        return MaskData.cat(parts)
+
+    def _finish_crop(self, data: MaskData, crop_box: list[int]) -> MaskData:
+        """NMS within a crop (by predicted IoU), then boxes and points to the image frame."""
+        if len(data):
+            data = data.filter(nms_keep(data.boxes, data.iou_preds, self.box_nms_thresh))
+        x0, y0 = crop_box[0], crop_box[1]
+        data.boxes = data.boxes + torch.tensor([[x0, y0, x0, y0]])
+        data.points = data.points + torch.tensor([[x0, y0]])
+        data.crop_boxes = torch.tensor([crop_box] * len(data), dtype=torch.int64).reshape(-1, 4)
+        return data
+
+    @staticmethod
+    def postprocess_small_regions(mask_data: MaskData, min_area: int, nms_thresh: float) -> MaskData:
+        """Fill small holes and remove small islands, then NMS away new duplicates.
+
+        As the reference: unchanged masks score 1 and changed ones 0, so NMS (at
+        ``nms_thresh``) prefers masks that needed no clean-up; only kept, changed masks get
+        a new RLE and box. One full-size mask is decoded at a time.
+
+        Args:
+            mask_data: masks in the image frame.
+            min_area: regions (8-connected) smaller than this many pixels are small.
+            nms_thresh: box IoU threshold of the NMS.
+
+        Returns:
+            The filtered masks, in NMS keep order.
+        """
+        if len(mask_data) == 0:
+            return mask_data
+        new_boxes = []
+        scores = []
+        changed_rles: dict[int, dict[str, Any]] = {}
+        for index, rle in enumerate(mask_data.rles):
+            mask = rle_to_mask(rle)
+            mask, changed_holes = remove_small_regions(mask, min_area, mode="holes")
+            mask, changed_islands = remove_small_regions(mask, min_area, mode="islands")
+            changed = changed_holes or changed_islands
+            mask_t = torch.from_numpy(mask)[None]
+            new_boxes.append(batched_mask_to_box(mask_t)[0])
+            scores.append(0.0 if changed else 1.0)
+            if changed:
+                changed_rles[index] = mask_to_rle(mask_t)[0]
+        boxes = torch.stack(new_boxes)
+        keep = nms_keep(boxes, torch.as_tensor(scores), nms_thresh)
+        rles = list(mask_data.rles)
+        old_boxes = mask_data.boxes.clone()
+        for index in keep.tolist():
+            if index in changed_rles:
+                rles[index] = changed_rles[index]
+                old_boxes[index] = boxes[index]
+        updated = MaskData(
+            rles=rles,
+            boxes=old_boxes,
+            iou_preds=mask_data.iou_preds,
+            points=mask_data.points,
+            stability_score=mask_data.stability_score,
+            crop_boxes=mask_data.crop_boxes,
+        )
+        return updated.filter(keep)
+
+    def _records(self, data: MaskData) -> list[dict[str, Any]]:
+        """Encode masks per ``output_mode`` and build the reference's record dicts."""
+        records = []
+        boxes = data.boxes.numpy()
+        crop_boxes = data.crop_boxes.numpy()
+        points = data.points.numpy()
+        ious = data.iou_preds.float().numpy()
+        stability = data.stability_score.float().numpy()
+        for i, rle in enumerate(data.rles):
+            if self.output_mode == "coco_rle":
+                segmentation: Any = coco_encode_rle(rle)
+            elif self.output_mode == "binary_mask":
+                segmentation = rle_to_mask(rle)
+            else:
+                segmentation = rle
+            records.append(
+                {
+                    "segmentation": segmentation,
+                    "area": area_from_rle(rle),
+                    "bbox": box_xyxy_to_xywh(boxes[i]),
+                    "predicted_iou": ious[i].item(),
+                    "point_coords": [points[i].tolist()],
+                    "stability_score": stability[i].item(),
+                    "crop_box": box_xyxy_to_xywh(crop_boxes[i]),
+                }
+            )
+        return records
