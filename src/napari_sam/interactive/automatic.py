@@ -11,7 +11,7 @@ A features table gives every id's predicted IoU, stability score, area and bbox.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Generator, Optional, Sequence
+from typing import Any, Generator, Sequence
 
 import numpy as np
 
@@ -99,14 +99,11 @@ def automatic_steps(
         An :class:`AutomaticResult`. Stopping the iteration (closing the generator) cancels
         between batches and releases the image embedding.
     """
-    per_slice = [
-        sum(-(-len(generator.point_grids[layer]) // generator.points_per_batch) for layer in _layers_of(generator))
-        for _ in planes
-    ]
-    total, done = sum(per_slice), 0
+    done = 0
     result = AutomaticResult(slices=[], labels=[])
     for index, (spec, rgb) in enumerate(planes):
         runner = generator.generate_iter(rgb)
+        per_slice = 0
         try:
             while True:
                 try:
@@ -114,10 +111,13 @@ def automatic_steps(
                 except StopIteration as stop:
                     records = stop.value
                     break
-                yield AutomaticProgress(done + progress.done, total, index, len(planes), progress.kept)
+                per_slice = progress.total  # the same for every slice: one grid, same crops
+                yield AutomaticProgress(
+                    done + progress.done, per_slice * len(planes), index, len(planes), progress.masks_so_far
+                )
         finally:
             runner.close()
-        done += per_slice[index]
+        done += per_slice
         labels, features = records_to_labels(records, rgb.shape[:2], offset)
         offset += len(records)
         result.slices.append(spec)
@@ -125,11 +125,6 @@ def automatic_steps(
         for name in FEATURE_COLUMNS:
             result.features[name].extend(features[name])
     return result
-
-
-def _layers_of(generator: Any) -> list[int]:
-    """Crop layer index of every crop the generator will visit (1 + 4 + 16 ... crops)."""
-    return [layer for layer in range(generator.crop_n_layers + 1) for _ in range((2**layer) ** 2)]
 
 
 def all_slices(spec: SliceSpec) -> list[SliceSpec]:
@@ -150,5 +145,3 @@ def write_slice(target: np.ndarray, spec: SliceSpec, labels: np.ndarray) -> None
     view[...] = labels.T if spec.row_axis > spec.col_axis else labels
 
 
-def optional_int(value: Optional[int]) -> Optional[int]:
-    return None if value is None else int(value)

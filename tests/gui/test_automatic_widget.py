@@ -1,0 +1,102 @@
+"""The Automatic segmentation widget end to end on a real image (small offline model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage import data
+
+from napari_sam import SamAutomaticMaskGenerator
+from napari_sam.interactive.automatic import AMG_SETTINGS, records_to_labels
+from napari_sam.interactive.engine import ModelSpec, display_rgb, load_model
+
+MANIFEST = Path(__file__).resolve().parents[2] / "napari.yaml"
+KEEP_MANY = dict(points_per_side=6, pred_iou_thresh=-100.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def widget(make_napari_viewer, npe2pm):
+    with npe2pm.tmp_plugin(manifest=str(MANIFEST)):
+        viewer = make_napari_viewer()
+        viewer.add_image(data.coins()[:160, :200], name="coins")
+        _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Automatic segmentation")
+        widget._model.value = "vit_test"
+        yield viewer, widget
+
+
+def test_settings_have_reference_defaults_and_tooltips(widget):
+    _, widget = widget
+    for name, default, tooltip in AMG_SETTINGS:
+        assert widget._settings[name].value == pytest.approx(default, abs=1e-2)
+        assert widget._settings[name].tooltip == tooltip
+    assert widget._settings["crop_overlap_ratio"].value == pytest.approx(512 / 1500, abs=0.01)
+
+
+def run_and_wait(widget, qtbot, **settings):
+    for name, value in settings.items():
+        widget._settings[name].value = value
+    worker = widget.run()
+    assert worker is not None
+    with qtbot.waitSignal(worker.finished, timeout=300_000):
+        pass
+    return worker
+
+
+def test_run_writes_one_labels_layer_with_features(widget, qtbot):
+    viewer, widget = widget
+    run_and_wait(widget, qtbot, **KEEP_MANY)
+    layer = viewer.layers["coins automatic"]
+    assert layer.data.shape == (160, 200)
+    # The same masks as the generator run directly on the displayed image.
+    image = viewer.layers["coins"]
+    rgb = display_rgb(image.data, image.contrast_limits, False)
+    generator = SamAutomaticMaskGenerator(load_model(ModelSpec("vit_test")), **{**widget.settings(), **KEEP_MANY})
+    records = generator.generate(rgb)
+    assert len(records) > 5
+    expected, _ = records_to_labels(records, rgb.shape[:2])
+    np.testing.assert_array_equal(layer.data, expected)
+    features = layer.features
+    assert list(features["label"]) == list(range(1, len(records) + 1))
+    np.testing.assert_allclose(features["predicted_iou"], [r["predicted_iou"] for r in records], rtol=1e-6)
+    assert list(features["area"]) == [r["area"] for r in records]
+    # Overlaps: the smallest mask is fully visible.
+    smallest = int(np.argmin([r["area"] for r in records]))
+    assert (layer.data[records[smallest]["segmentation"]] == smallest + 1).all()
+
+
+def test_cancel_stops_between_batches_and_writes_nothing(widget, qtbot):
+    viewer, widget = widget
+    widget._settings["points_per_side"].value = 16
+    widget._settings["points_per_batch"].value = 8
+    worker = widget.run()
+    with qtbot.waitSignal(worker.yielded, timeout=300_000):
+        pass
+    widget.cancel()
+    with qtbot.waitSignal(worker.finished, timeout=300_000):
+        pass
+    assert "coins automatic" not in viewer.layers
+    assert widget._status.value == "Cancelled."
+    assert widget._progress.value < widget._progress.max
+    assert widget._run.enabled and not widget._cancel.enabled
+
+
+def test_all_slices_of_a_stack(make_napari_viewer, npe2pm, qtbot):
+    with npe2pm.tmp_plugin(manifest=str(MANIFEST)):
+        viewer = make_napari_viewer()
+        coins = data.coins()[:96, :128].astype(np.uint16) * 16  # 12-bit range in uint16
+        stack = np.stack([coins, np.fliplr(coins)])
+        viewer.add_image(stack, name="stack", scale=(3.0, 0.5, 0.5))
+        _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Automatic segmentation")
+        widget._model.value = "vit_test"
+        widget._all_slices.value = True
+        run_and_wait(widget, qtbot, **{**KEEP_MANY, "points_per_side": 4})
+        layer = viewer.layers["stack automatic"]
+        assert layer.data.shape == stack.shape
+        np.testing.assert_allclose(layer.scale, (3.0, 0.5, 0.5))
+        assert layer.data[0].max() > 0 and layer.data[1].max() > 0
+        # Ids continue across slices: no id is used on both slices.
+        assert not set(np.unique(layer.data[0])[1:]) & set(np.unique(layer.data[1])[1:])
