@@ -88,3 +88,23 @@ def test_bad_input(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not a JSON file"):
         read_coco_json(path)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    arrays(np.uint32, st.tuples(st.integers(1, 3), st.integers(1, 20), st.integers(1, 20)), elements=st.integers(0, 9)),
+    st.tuples(st.floats(0.1, 5), st.floats(0.1, 5), st.floats(0.1, 5)),
+)
+def test_napari_writer_and_reader_round_trip(tmp_path_factory, labels, scale):
+    """The manifest's writer and reader (plain functions) on random nD label images."""
+    from napari_sam._napari._io import get_reader, write_labels
+
+    path = str(tmp_path_factory.mktemp("coco") / "labels.json")
+    assert write_labels(path, labels, {"scale": scale, "translate": (0, 1, 2), "name": "cells"}) == [path]
+    reader = get_reader(path)
+    assert reader is not None
+    (data, kwargs, kind), = reader(path)
+    assert kind == "labels" and kwargs["name"] == "cells"
+    np.testing.assert_array_equal(data, labels)
+    assert data.dtype == labels.dtype
+    np.testing.assert_allclose(kwargs["scale"], scale)
