@@ -230,18 +230,50 @@ class SamPredictor:
         precision = self.precision if batch >= DECODER_REDUCED_PRECISION_MIN_BATCH else "fp32"
         with autocast_context(self.device, precision):
             sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-            low_res, iou = self.model.mask_decoder(
-                image_embeddings=self.features,
-                image_pe=self.model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask_output,
-            )
+            if mask_input is None:
+                low_res, iou = self._decode_without_mask(sparse, multimask_output)
+            else:
+                low_res, iou = self.model.mask_decoder(
+                    image_embeddings=self.features,
+                    image_pe=self.model.prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=multimask_output,
+                )
         low_res, iou = low_res.float(), iou.float()
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, iou, low_res
+
+    def _decode_without_mask(
+        self, sparse: torch.Tensor, multimask_output: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask decoder for prompts without a mask prompt, sharing per-image work.
+
+        The decoder's prompt-independent first-block projections are computed once per image
+        (:class:`~napari_sam.modeling.prompt_batch_decoder.PromptBatchDecoder`) and reused by
+        every later ``predict``; equal to ``model.mask_decoder`` up to float rounding.
+
+        Returns:
+            low-res logits BxMx256x256 and predicted IoU BxM (M = 3 or 1).
+        """
+        from .modeling.prompt_batch_decoder import PromptBatchDecoder, dense_no_mask_embedding
+
+        if self._batch_decoder is None:  # cached in float32 whatever the current precision
+            encoder = self.model.prompt_encoder
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                self._batch_decoder = PromptBatchDecoder(
+                    self.model.mask_decoder, self.features, encoder.get_dense_pe(), dense_no_mask_embedding(encoder)
+                )
+        decoder = self._batch_decoder
+        iou, mask_tokens, image_tokens = decoder.run(sparse, multimask_output)
+        batch, outputs = iou.shape
+        device = iou.device
+        prompt_index = torch.arange(batch, device=device).repeat_interleave(outputs)
+        output_index = torch.arange(outputs, device=device).repeat(batch)
+        logits = decoder.masks(mask_tokens, image_tokens, prompt_index, output_index, multimask_output)
+        return logits.view(batch, outputs, *logits.shape[-2:]), iou
 
     def get_image_embedding(self) -> torch.Tensor:
         """The 1x256x64x64 image embedding of the current image.
@@ -257,6 +289,7 @@ class SamPredictor:
         """Forget the current image and its embedding."""
         self.is_image_set = False
         self.features: Optional[torch.Tensor] = None
+        self._batch_decoder = None  # per-image decoder work, built on the first predict
         self.original_size: Optional[tuple[int, ...]] = None
         self.input_size: Optional[tuple[int, ...]] = None
         self.orig_h = self.orig_w = self.input_h = self.input_w = None
