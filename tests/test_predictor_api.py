@@ -113,3 +113,21 @@ def test_precision_validation(model):
         SamPredictor(model, precision="int4")
     with pytest.raises(ValueError, match="needs a GPU"):
         SamPredictor(model, precision="fp16")
+
+
+def test_bf16_large_batch_then_single_prompt(model, groceries):
+    """The per-image decoder cache is built in float32 whatever precision runs first."""
+    fp32, bf16 = SamPredictor(model), SamPredictor(model, precision="bf16")
+    fp32.set_image(groceries)
+    bf16.set_image(groceries)
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(0, 500, size=(20, 2))
+    boxes = torch.as_tensor(np.hstack([corners, corners + 200]), dtype=torch.float32)
+    boxes = bf16.transform.apply_boxes_torch(boxes, groceries.shape[:2])
+    masks, iou, low_res = bf16.predict_torch(None, None, boxes=boxes, multimask_output=False)
+    assert masks.shape == (20, 1, *groceries.shape[:2]) and iou.dtype == low_res.dtype == torch.float32
+    prompt = dict(point_coords=np.array([[300, 200]]), point_labels=np.array([1]))
+    single16, _, _ = bf16.predict(**prompt)
+    single32, _, _ = fp32.predict(**prompt)
+    for a, b in zip(single16, single32):
+        assert np.logical_and(a, b).sum() / np.logical_or(a, b).sum() >= 0.97
