@@ -82,6 +82,17 @@ def generator(impl: str, sam, precision: str, **kwargs):
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS in MB.
+
+    VmHWM of /proc/self/status where available: ``ru_maxrss`` survives fork + exec on Linux,
+    so a child would report its parent's peak when that is higher.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -140,10 +151,11 @@ def speed(args: argparse.Namespace, checkpoint: Path) -> None:
     image = load_image(args.image)
     print(f"image {args.image} {image.shape[1]}x{image.shape[0]}, model {args.model}, "
           f"points_per_side {args.points_per_side}, threads {torch.get_num_threads()}")
-    models = {"ours": build("ours", args.model, checkpoint), "ref": build("ref", args.model, checkpoint)}
-    warm = load_image(args.image, (64, 48))
-    for impl in ("ref", "ours"):  # warm-up: kernels, allocator
-        generator(impl, models[impl], "fp32", points_per_side=2).generate(warm)
+    if args.settings:
+        models = {"ours": build("ours", args.model, checkpoint), "ref": build("ref", args.model, checkpoint)}
+        warm = load_image(args.image, (64, 48))
+        for impl in ("ref", "ours"):  # warm-up: kernels, allocator
+            generator(impl, models[impl], "fp32", points_per_side=2).generate(warm)
     runs = [("ref", "fp32"), ("ours", "fp32"), ("ours", "bf16")]
     for name in args.settings:
         kwargs = dict(SETTINGS[name], points_per_side=args.points_per_side, crop_n_layers=args.crop_n_layers)
@@ -198,7 +210,8 @@ def main() -> None:
     parser.add_argument("--image", default="truck.jpg")
     parser.add_argument("--points-per-side", type=int, default=32)
     parser.add_argument("--crop-n-layers", type=int, default=0)
-    parser.add_argument("--settings", nargs="+", default=["default", "relaxed"], choices=sorted(SETTINGS))
+    parser.add_argument("--settings", nargs="*", default=["default", "relaxed"], choices=sorted(SETTINGS),
+                        help="settings timed in this process (none: only the RSS children)")
     parser.add_argument("--rss", nargs="*", default=["relaxed"], choices=sorted(SETTINGS),
                         help="settings whose peak RSS is measured in fresh processes (none: skip)")
     parser.add_argument("--repeats", type=int, default=1)
