@@ -37,7 +37,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT.parent / "shared" / "data" / "images"
-RELAXED = dict(pred_iou_thresh=-100.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+# Relaxed filters keep every mask (3072 for a 32x32 grid): RLE output, since 3072 full-size
+# boolean masks per run would need ~6.6 GB for a 2 MP photo in either implementation.
+RELAXED = dict(pred_iou_thresh=-100.0, stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="uncompressed_rle")
 SETTINGS = {"default": {}, "relaxed": RELAXED}
 
 
@@ -80,16 +82,31 @@ def generator(impl: str, sam, precision: str, **kwargs):
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS in MB.
+
+    VmHWM of /proc/self/status where available: ``ru_maxrss`` survives fork + exec on Linux,
+    so a child would report its parent's peak when that is higher.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def compare(ours: list[dict], ref: list[dict]) -> str:
     if len(ours) != len(ref):
         return f"DIFFERENT count {len(ours)} vs {len(ref)}"
+    from napari_sam.utils.amg import rle_to_mask
+
     worst = 1.0
     same_meta = True
     for a, b in zip(ours, ref):
         ma, mb = a["segmentation"], b["segmentation"]
+        if isinstance(ma, dict):
+            ma, mb = rle_to_mask(ma), rle_to_mask(mb)
         union = np.logical_or(ma, mb).sum()
         worst = min(worst, np.logical_and(ma, mb).sum() / union if union else 1.0)
         same_meta &= a["point_coords"] == b["point_coords"] and a["bbox"] == b["bbox"]
@@ -134,29 +151,38 @@ def speed(args: argparse.Namespace, checkpoint: Path) -> None:
     image = load_image(args.image)
     print(f"image {args.image} {image.shape[1]}x{image.shape[0]}, model {args.model}, "
           f"points_per_side {args.points_per_side}, threads {torch.get_num_threads()}")
-    models = {"ours": build("ours", args.model, checkpoint), "ref": build("ref", args.model, checkpoint)}
-    warm = load_image(args.image, (64, 48))
-    for impl in ("ref", "ours"):  # warm-up: kernels, allocator
-        generator(impl, models[impl], "fp32", points_per_side=2).generate(warm)
+    if args.settings:
+        models = {"ours": build("ours", args.model, checkpoint), "ref": build("ref", args.model, checkpoint)}
+        warm = load_image(args.image, (64, 48))
+        for impl in ("ref", "ours"):  # warm-up: kernels, allocator
+            generator(impl, models[impl], "fp32", points_per_side=2).generate(warm)
     runs = [("ref", "fp32"), ("ours", "fp32"), ("ours", "bf16")]
     for name in args.settings:
         kwargs = dict(SETTINGS[name], points_per_side=args.points_per_side, crop_n_layers=args.crop_n_layers)
         times = {run: [] for run in runs}
-        records = {}
+        counts = {}
+        verdict = ""
         for _ in range(args.repeats):
+            reference = None
             for impl, precision in runs:
                 amg = generator(impl, models[impl], precision, **kwargs)
                 start = time.perf_counter()
-                records[(impl, precision)] = amg.generate(image)
+                records = amg.generate(image)
                 times[(impl, precision)].append(time.perf_counter() - start)
-                del amg
+                counts[(impl, precision)] = len(records)
+                if impl == "ref":
+                    reference = records
+                elif precision == "fp32":
+                    verdict = compare(records, reference)
+                del amg, records  # keep at most two runs' records in memory
+            del reference
         ref_time = statistics.median(times[("ref", "fp32")])
         print(f"\n[{name}] {kwargs}")
         for impl, precision in runs:
             t = statistics.median(times[(impl, precision)])
             print(f"  {impl:4s} {precision}: {t:8.2f} s  ratio {t / ref_time:.3f}  "
-                  f"({len(records[(impl, precision)])} masks)")
-        print(f"  fp32 records vs reference: {compare(records[('ours', 'fp32')], records[('ref', 'fp32')])}")
+                  f"({counts[(impl, precision)]} masks)")
+        print(f"  fp32 records vs reference: {verdict}")
     if args.rss:
         for name in args.rss:
             print(f"\npeak RSS, fresh process per implementation, [{name}] fp32:")
@@ -184,7 +210,8 @@ def main() -> None:
     parser.add_argument("--image", default="truck.jpg")
     parser.add_argument("--points-per-side", type=int, default=32)
     parser.add_argument("--crop-n-layers", type=int, default=0)
-    parser.add_argument("--settings", nargs="+", default=["default", "relaxed"], choices=sorted(SETTINGS))
+    parser.add_argument("--settings", nargs="*", default=["default", "relaxed"], choices=sorted(SETTINGS),
+                        help="settings timed in this process (none: only the RSS children)")
     parser.add_argument("--rss", nargs="*", default=["relaxed"], choices=sorted(SETTINGS),
                         help="settings whose peak RSS is measured in fresh processes (none: skip)")
     parser.add_argument("--repeats", type=int, default=1)
