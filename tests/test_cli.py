@@ -116,14 +116,30 @@ def test_rle_json_and_failing_image(inputs, checkpoint, tmp_path, capsys):
                                "stability_score", "crop_box"}
 
 
-def test_missing_checkpoint_is_a_usage_error(inputs, tmp_path, capsys):
-    import importlib.util
-
-    if importlib.util.find_spec("napari_sam.checkpoints") is not None:
-        pytest.skip("known weights are resolved by napari_sam.checkpoints")
-    status = main(["--input", str(inputs / "photo.jpg"), "--output", str(tmp_path / "o"), "--model-type", "vit_b"])
-    assert status == 2 and "--checkpoint" in capsys.readouterr().err
+def test_without_checkpoint_known_weights_are_fetched_and_offline_error_is_clear(
+    inputs, tmp_path, capsys, monkeypatch
+):
+    """No --checkpoint: the known vit_b weights come from the cache folder; offline (a mirror
+    on a closed local port) the error names the file and the folder for a manual download."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NAPARI_SAM_CACHE_DIR", str(cache))
+    monkeypatch.setenv("NAPARI_SAM_MIRROR", "http://127.0.0.1:9")
+    status = main(["--input", str(inputs / "photo.jpg"), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "sam_vit_b_01ec64.pth" in err and str(cache) in err
     assert not (tmp_path / "o").exists()
+
+
+def test_model_type_is_detected_from_the_checkpoint(inputs, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    assert main(["--input", str(inputs / "photo.jpg"), "--output", str(out), "--checkpoint", checkpoint, *FAST]) == 0
+    assert len(_read_metadata(out / "photo")) > 0
+
+
+def test_unknown_model_type_is_a_usage_error(inputs, tmp_path, capsys):
+    status = main(["--input", str(inputs / "photo.jpg"), "--output", str(tmp_path / "o"), "--model-type", "vit_x"])
+    assert status == 2 and "vit_x" in capsys.readouterr().err
 
 
 def test_console_script(inputs, checkpoint, tmp_path):

@@ -95,32 +95,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_checkpoint(model_type: Optional[str], checkpoint: Optional[str]) -> tuple[str, str]:
-    """(model type, checkpoint path) from the arguments.
+    """(model type, checkpoint path) from ``--model-type`` and ``--checkpoint``.
 
-    Uses ``napari_sam.checkpoints.resolve_checkpoint`` (known weights from the cache) when
-    that module exists; otherwise a checkpoint path is required and the model type, when
-    not given, is detected from its tensor shapes.
+    With ``--checkpoint``, that file is used; its type is detected from the tensor shapes
+    when ``--model-type`` is not given. Without it, the known official weights of
+    ``--model-type`` (default ``vit_b``; the reference's script has no default checkpoint)
+    come from the cache folder, downloaded once with a progress bar
+    (:func:`napari_sam.checkpoints.resolve_checkpoint`).
 
     Raises:
-        CliError: no checkpoint, or one that cannot be read.
+        CliError: the checkpoint is missing or unreadable, the model type is unknown, or the
+            weights cannot be downloaded (the message says where to put a manual download).
     """
-    try:
-        from .checkpoints import resolve_checkpoint as resolve_known  # type: ignore[attr-defined]
-    except ImportError:
-        resolve_known = None
-    if resolve_known is not None:
-        resolved_type, path = resolve_known(model_type, checkpoint)
-        return str(resolved_type), os.fspath(path)
-    if checkpoint is None:
-        raise CliError("--checkpoint is required (path to a SAM .pth file).")
-    if model_type is None:
-        from .build import CheckpointError, detect_model_type, read_state_dict
+    from .build import CheckpointError, detect_model_type, read_state_dict
+    from .checkpoints import DownloadError
+    from .checkpoints import resolve_checkpoint as resolve_known
 
-        try:
+    try:
+        if checkpoint is None:
+            model_type = model_type or "vit_b"
+            return ("vit_h" if model_type == "default" else model_type), os.fspath(resolve_known(model_type))
+        if model_type is None:
             model_type = detect_model_type(read_state_dict(checkpoint))
-        except (CheckpointError, FileNotFoundError) as error:
-            raise CliError(str(error)) from error
-    return model_type, checkpoint
+        return model_type, os.fspath(resolve_known(model_type, checkpoint))
+    except (CheckpointError, DownloadError, FileNotFoundError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise CliError(str(message)) from error
 
 
 def list_targets(input_path: Path) -> list[Path]:
