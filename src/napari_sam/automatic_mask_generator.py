@@ -165,23 +165,12 @@ class SamAutomaticMaskGenerator:
     """
 
     def __init__(
-        self,
-        model: Sam,
-        points_per_side: Optional[int] = 32,
-        points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.88,
-        stability_score_thresh: float = 0.95,
-        stability_score_offset: float = 1.0,
-        box_nms_thresh: float = 0.7,
-        crop_n_layers: int = 0,
-        crop_nms_thresh: float = 0.7,
-        crop_overlap_ratio: float = 512 / 1500,
-        crop_n_points_downscale_factor: int = 1,
-        point_grids: Optional[list[np.ndarray]] = None,
-        min_mask_region_area: int = 0,
-        output_mode: str = "binary_mask",
-        *,
-        precision: str = "fp32",
+        self, model: Sam, points_per_side: Optional[int] = 32, points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95, stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7, crop_n_layers: int = 0, crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500, crop_n_points_downscale_factor: int = 1,
+        point_grids: Optional[list[np.ndarray]] = None, min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask", *, precision: str = "fp32",
     ) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("Exactly one of points_per_side or point_grids must be given.")
