@@ -193,18 +193,16 @@ class SamAutomaticMaskGenerator:
             raise ValueError(f"points_per_batch must be >= 1, got {points_per_batch}.")
 
         self.predictor = SamPredictor(model, precision=precision)
-        self.points_per_batch = points_per_batch
-        self.pred_iou_thresh = pred_iou_thresh
-        self.stability_score_thresh = stability_score_thresh
-        self.stability_score_offset = stability_score_offset
-        self.box_nms_thresh = box_nms_thresh
-        self.crop_n_layers = crop_n_layers
-        self.crop_nms_thresh = crop_nms_thresh
-        self.crop_overlap_ratio = crop_overlap_ratio
-        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
-        self.min_mask_region_area = min_mask_region_area
-        self.output_mode = output_mode
-        self.precision = precision
+        # The settings stay readable as attributes, under the constructor's names.
+        settings = dict(
+            points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh, stability_score_offset=stability_score_offset,
+            box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
+            crop_overlap_ratio=crop_overlap_ratio, crop_n_points_downscale_factor=crop_n_points_downscale_factor,
+            min_mask_region_area=min_mask_region_area, output_mode=output_mode, precision=precision,
+        )
+        for name, value in settings.items():
+            setattr(self, name, value)
 
     # -- public API --------------------------------------------------------------------------
 

@@ -24,7 +24,6 @@ Exit status: 0 success, 1 some image failed, 2 bad arguments or refused output.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -165,14 +164,9 @@ def save_atomically(records: list[dict[str, Any]], destination: Path, rle: bool,
     """Write to a temporary sibling, then rename it into place (never half-written)."""
     parent = destination.parent
     if rle:
-        handle, temp = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=parent)
-        try:
-            with os.fdopen(handle, "w") as file:
-                json.dump(records, file)
-            os.replace(temp, destination)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        from .utils.files import write_json_atomically
+
+        write_json_atomically(destination, records)
         return
     temp_dir = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=parent))
     try:

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 from pycocotools import mask as mask_utils
 from scipy import ndimage
+
+from .utils.files import write_json_atomically
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -185,17 +186,7 @@ def _records_to_labels(records: list[dict[str, Any]]) -> np.ndarray:
 
 def write_coco_json(path: PathLike, labels: np.ndarray, **kwargs: Any) -> Path:
     """Write :func:`labels_to_coco` of ``labels`` to ``path`` atomically (temp file + rename)."""
-    path = Path(path)
-    payload = labels_to_coco(labels, **kwargs)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json_atomically(path, labels_to_coco(labels, **kwargs))
 
 
 def load_json(path: PathLike) -> Any:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 
