@@ -21,8 +21,15 @@ from conftest import load_rgb, make_random_checkpoint  # noqa: E402  (test helpe
 def reference_model(model_type: str, checkpoint: Path):
     """The reference ``segment_anything`` model of ``model_type`` loaded from ``checkpoint``."""
     import segment_anything
+    from segment_anything.build_sam import _build_sam
 
-    return segment_anything.sam_model_registry[model_type](checkpoint=str(checkpoint))
+    if model_type in segment_anything.sam_model_registry:
+        return segment_anything.sam_model_registry[model_type](checkpoint=str(checkpoint))
+    from napari_sam.build import MODEL_CONFIGS  # the small test configuration, built by the reference
+
+    config = MODEL_CONFIGS[model_type]
+    return _build_sam(config.embed_dim, config.depth, config.num_heads, list(config.global_attn_indexes),
+                      checkpoint=str(checkpoint))
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -44,7 +44,8 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
+    parser.add_argument("--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "vit_test"],
+                        help="vit_test: the small encoder, for a quick predict ratio (same decoder)")
     parser.add_argument("--image", default="truck.jpg")
     parser.add_argument("--repeats", type=int, default=3, help="timed set_image calls per implementation")
     parser.add_argument("--predict-repeats", type=int, default=10)
