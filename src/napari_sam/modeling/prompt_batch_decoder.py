@@ -122,12 +122,7 @@ class PromptBatchDecoder:
 
     def _first_block(self, block: TwoWayAttentionBlock, queries: torch.Tensor, query_pe: torch.Tensor):
         """First block with the shared (batch-1) image side; returns (queries, keys BxLxC)."""
-        if block.skip_first_layer_pe:
-            queries = block.self_attn(q=queries, k=queries, v=queries)
-        else:
-            with_pe = queries + query_pe
-            queries = queries + block.self_attn(q=with_pe, k=with_pe, v=queries)
-        queries = block.norm1(queries)
+        queries = block.token_self_attention(queries, query_pe)
 
         t2i = block.cross_attn_token_to_image
         batch, n_tokens, _ = queries.shape
@@ -171,12 +166,7 @@ class PromptBatchDecoder:
         self, block: TwoWayAttentionBlock, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor
     ):
         """A block whose image side is per prompt (BxLxC); returns (queries, keys)."""
-        if block.skip_first_layer_pe:
-            queries = block.self_attn(q=queries, k=queries, v=queries)
-        else:
-            with_pe = queries + query_pe
-            queries = queries + block.self_attn(q=with_pe, k=with_pe, v=queries)
-        queries = block.norm1(queries)
+        queries = block.token_self_attention(queries, query_pe)
 
         keys_pe = keys + self.key_pe
         out = _token_to_image(block.cross_attn_token_to_image, queries + query_pe, keys_pe, keys)

@@ -103,16 +103,23 @@ class TwoWayAttentionBlock(nn.Module):
         self.norm4, self.cross_attn_image_to_token = nn.LayerNorm(dim), cross()
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def forward(
-        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries BxNxC, keys (B or 1)xHWxC, query_pe BxNxC, key_pe 1xHWxC."""
+    def token_self_attention(self, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
+        """Self-attention of the prompt tokens and norm1 (BxNxC -> BxNxC).
+
+        The first block adds no positional encoding and replaces the tokens (no residual).
+        """
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
         else:
             with_pe = queries + query_pe
             queries = queries + self.self_attn(q=with_pe, k=with_pe, v=queries)
-        queries = self.norm1(queries)
+        return self.norm1(queries)
+
+    def forward(
+        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries BxNxC, keys (B or 1)xHWxC, query_pe BxNxC, key_pe 1xHWxC."""
+        queries = self.token_self_attention(queries, query_pe)
 
         keys_with_pe = keys + key_pe
         queries = self.norm2(
