@@ -22,6 +22,7 @@ _EXPORTS = {
     "build_sam_vit_l": "napari_sam.build",
     "build_sam_vit_b": "napari_sam.build",
     "build_sam_vit_test": "napari_sam.build",
+    "build_sam_vit_small": "napari_sam.build",
     "detect_model_type": "napari_sam.build",
     "CheckpointError": "napari_sam.build",
     "build_sam": "napari_sam.checkpoints",

@@ -30,20 +30,51 @@ PATCH_SIZE = 16
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
-    """Shape of a ViT image encoder; everything else in SAM is shared by all types."""
+class SamConfig:
+    """Sizes of a SAM model. The defaults after the encoder fields are the official ones.
+
+    Attributes:
+        embed_dim, depth, num_heads: ViT image encoder width, blocks and heads.
+        global_attn_indexes: encoder blocks with global attention (the others use windows).
+        img_size: side of the square model input in pixels.
+        patch_size: side of a patch in pixels (the embedding grid is img_size / patch_size).
+        window_size: side of the attention windows in tokens.
+        prompt_embed_dim: channels of the image embedding and width of the prompt tokens.
+        decoder_mlp_dim, decoder_num_heads: two-way transformer MLP width and heads.
+        iou_head_hidden_dim: hidden width of the IoU prediction head.
+        mask_in_chans: hidden channels of the mask-prompt downscaling convolutions.
+    """
 
     embed_dim: int
     depth: int
     num_heads: int
     global_attn_indexes: tuple[int, ...]
+    img_size: int = IMAGE_SIZE
+    patch_size: int = PATCH_SIZE
+    window_size: int = 14
+    prompt_embed_dim: int = PROMPT_EMBED_DIM
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    iou_head_hidden_dim: int = 256
+    mask_in_chans: int = 16
 
 
-MODEL_CONFIGS: dict[str, EncoderConfig] = {
-    "vit_h": EncoderConfig(1280, 32, 16, (7, 15, 23, 31)),
-    "vit_l": EncoderConfig(1024, 24, 16, (5, 11, 17, 23)),
-    "vit_b": EncoderConfig(768, 12, 12, (2, 5, 8, 11)),
-    "vit_test": EncoderConfig(64, 2, 2, (1,)),
+EncoderConfig = SamConfig  # the name used before the decoder sizes became configurable
+
+# The project's own small model (issue 7): 256 px input, 8 px patches (a 32x32 embedding
+# grid, so 128x128 low-res masks at half the input resolution), a 128-wide decoder.
+SMALL_MODEL_CONFIG = SamConfig(
+    embed_dim=192, depth=6, num_heads=6, global_attn_indexes=(2, 5), img_size=256, patch_size=8,
+    window_size=8, prompt_embed_dim=128, decoder_mlp_dim=1024, decoder_num_heads=4,
+    iou_head_hidden_dim=128, mask_in_chans=16,
+)
+
+MODEL_CONFIGS: dict[str, SamConfig] = {
+    "vit_h": SamConfig(1280, 32, 16, (7, 15, 23, 31)),
+    "vit_l": SamConfig(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_b": SamConfig(768, 12, 12, (2, 5, 8, 11)),
+    "vit_test": SamConfig(64, 2, 2, (1,)),
+    "vit_small": SMALL_MODEL_CONFIG,
 }
 
 
@@ -51,35 +82,38 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit the requested model."""
 
 
-def build_sam_from_config(config: EncoderConfig) -> Sam:
-    """Build an untrained SAM (in eval mode) with the given image encoder shape."""
-    grid = IMAGE_SIZE // PATCH_SIZE
+def build_sam_from_config(config: SamConfig) -> Sam:
+    """Build an untrained SAM (in eval mode) with the given sizes."""
+    grid = config.img_size // config.patch_size
     encoder = ImageEncoderViT(
         depth=config.depth,
         embed_dim=config.embed_dim,
-        img_size=IMAGE_SIZE,
+        img_size=config.img_size,
         mlp_ratio=4,
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
         num_heads=config.num_heads,
-        patch_size=PATCH_SIZE,
+        patch_size=config.patch_size,
         qkv_bias=True,
         use_rel_pos=True,
         global_attn_indexes=config.global_attn_indexes,
-        window_size=14,
-        out_chans=PROMPT_EMBED_DIM,
+        window_size=config.window_size,
+        out_chans=config.prompt_embed_dim,
     )
     prompt_encoder = PromptEncoder(
-        embed_dim=PROMPT_EMBED_DIM,
+        embed_dim=config.prompt_embed_dim,
         image_embedding_size=(grid, grid),
-        input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
-        mask_in_chans=16,
+        input_image_size=(config.img_size, config.img_size),
+        mask_in_chans=config.mask_in_chans,
     )
     decoder = MaskDecoder(
         num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8),
-        transformer_dim=PROMPT_EMBED_DIM,
+        transformer=TwoWayTransformer(
+            depth=2, embedding_dim=config.prompt_embed_dim, mlp_dim=config.decoder_mlp_dim,
+            num_heads=config.decoder_num_heads,
+        ),
+        transformer_dim=config.prompt_embed_dim,
         iou_head_depth=3,
-        iou_head_hidden_dim=256,
+        iou_head_hidden_dim=config.iou_head_hidden_dim,
     )
     return Sam(image_encoder=encoder, prompt_encoder=prompt_encoder, mask_decoder=decoder).eval()
 
@@ -122,12 +156,13 @@ def read_state_dict(checkpoint: PathLike) -> dict[str, torch.Tensor]:
 def detect_model_type(state_dict: Mapping[str, torch.Tensor]) -> str:
     """Tell the registry type of a SAM state dict from its tensor shapes.
 
-    The encoder width comes from ``image_encoder.pos_embed`` (1xGxGxD), the depth from
+    The encoder width and grid come from ``image_encoder.pos_embed`` (1xGxGxD), the
+    embedding channels from the neck, the depth from
     the block indices, and the global-attention blocks from the relative-position table
     lengths (2G-1 rows for global blocks, 27 for 14x14 windows).
 
     Returns:
-        "vit_b", "vit_l", "vit_h" or "vit_test".
+        "vit_b", "vit_l", "vit_h", "vit_test" or "vit_small".
 
     Raises:
         CheckpointError: the state dict is not a SAM model or of no known type.
@@ -148,8 +183,15 @@ def detect_model_type(state_dict: Mapping[str, torch.Tensor]) -> str:
             and state_dict[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 2 * pos.shape[1] - 1
         )
     )
+    grid = int(pos.shape[1])
+    neck = state_dict.get("image_encoder.neck.0.weight")
+    out_chans = int(neck.shape[0]) if neck is not None else None
     for name, config in MODEL_CONFIGS.items():
-        if (config.embed_dim, config.depth, config.global_attn_indexes) == (embed_dim, depth, global_blocks):
+        if (
+            (config.embed_dim, config.depth, config.global_attn_indexes) == (embed_dim, depth, global_blocks)
+            and config.img_size // config.patch_size == grid
+            and out_chans in (None, config.prompt_embed_dim)
+        ):
             return name
     raise CheckpointError(
         f"Unknown SAM image encoder in checkpoint: embed dim {embed_dim}, {depth} blocks, global attention "
@@ -233,6 +275,15 @@ def build_sam_vit_b(checkpoint: Optional[PathLike] = None) -> Sam:
     return build_sam_type("vit_b", checkpoint)
 
 
+def build_sam_vit_small(checkpoint: Optional[PathLike] = None) -> Sam:
+    """The project's small SAM (256 px input, 6-block 192-wide encoder, 128-wide decoder).
+
+    Without ``checkpoint`` the weights are random; ``napari_sam.build_sam("vit_small")``
+    loads the trained weights shipped in the package.
+    """
+    return build_sam_type("vit_small", checkpoint)
+
+
 def build_sam_vit_test(checkpoint: Optional[PathLike] = None) -> Sam:
     """Small SAM for tests: 64-wide, 2-block encoder (one windowed, one global), full decoder."""
     return build_sam_type("vit_test", checkpoint)
@@ -244,6 +295,7 @@ sam_model_registry: dict[str, Callable[..., Sam]] = {
     "vit_l": build_sam_vit_l,
     "vit_b": build_sam_vit_b,
     "vit_test": build_sam_vit_test,
+    "vit_small": build_sam_vit_small,
 }
 
 __all__: list[Any] = [
@@ -253,6 +305,7 @@ __all__: list[Any] = [
     "build_sam_vit_b",
     "build_sam_vit_h",
     "build_sam_vit_l",
+    "build_sam_vit_small",
     "build_sam_vit_test",
     "detect_model_type",
     "read_state_dict",

@@ -86,6 +86,10 @@ class KnownWeights:
 
 _OFFICIAL = "https://dl.fbaipublicfiles.com/segment_anything/"
 
+# The project's own small model (type "vit_small"), trained by scripts/train_small_model.py
+# and stored in the package: it loads offline, with no download.
+SMALL_MODEL_FILE = Path(__file__).resolve().parent / "weights" / "sam_vit_small.pth"
+
 #: Known weights by name. Later entries (a small project model, MobileSAM) go through
 #: :func:`register_weights`; the first entry of a model type is that type's default.
 KNOWN_WEIGHTS: dict[str, KnownWeights] = {}

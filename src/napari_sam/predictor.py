@@ -183,9 +183,10 @@ class SamPredictor:
             box_t = torch.as_tensor(box_array, dtype=torch.float32, device=self.device)
         if mask_input is not None:
             mask_array = np.asarray(mask_input)
-            if mask_array.shape != (1, 256, 256):
+            low_res_shape = (1, *self.model.prompt_encoder.mask_input_size)
+            if mask_array.shape != low_res_shape:
                 raise ValueError(
-                    "mask_input must be 1x256x256 low-res logits from a previous prediction "
+                    f"mask_input must be {'x'.join(map(str, low_res_shape))} low-res logits from a previous prediction "
                     f"(one of its third outputs), got shape {mask_array.shape}."
                 )
             mask_t = torch.as_tensor(mask_array, dtype=torch.float32, device=self.device)[None]

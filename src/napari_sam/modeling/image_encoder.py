@@ -245,6 +245,13 @@ class Attention(nn.Module):
         batch, tokens, _ = q.shape
         if self.use_rel_pos:
             row_term, col_term = rel_pos_terms(q, self.rel_pos_h.float(), self.rel_pos_w.float(), grid)
+        if torch.is_grad_enabled() and (q.requires_grad or self.rel_pos_h.requires_grad):
+            # Training: one fused attention call with the relative-position bias as a dense
+            # mask; autograd through the in-place blocked loop below would be slower.
+            bias = None
+            if self.use_rel_pos:
+                bias = (row_term.unsqueeze(-1) + col_term.unsqueeze(-2)).reshape(batch, tokens, tokens)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         k_t = k.transpose(1, 2).contiguous()
         out = torch.empty_like(q)
         rows = min(tokens, max(1, _LOGITS_BLOCK // tokens))

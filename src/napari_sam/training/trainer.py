@@ -1,0 +1,419 @@
+"""Training and fine-tuning loops for SAM with simulated interactive prompts.
+
+One step (:func:`training_step`) follows SAM's recipe (Kirillov et al. 2023, appendix A):
+encode a batch of images, pick up to ``objects_per_image`` ground-truth objects per image,
+give each a first prompt (a uniformly drawn positive point or a noisy box, equally
+likely, the same kind for the whole step), predict, then add ``iterations - 1``
+corrective points drawn from the error region, each time feeding the previous low-res
+logits back as the mask prompt. The loss of every round is 20 x focal + dice on the
+masks (upsampled to the input frame) plus the MSE of the predicted IoU; for a single
+point the best of the three multimask outputs is back-propagated (see ``losses``).
+
+:func:`train` runs steps from any :class:`TrainingData`, with AdamW, linear warm-up and
+cosine decay, fixed seeds (the data of step ``s`` depend only on ``(seed, s)``), and a
+resumable training state written atomically every ``checkpoint_every`` steps. With
+``decoder_only=True`` the image encoder is frozen and each image embedding is computed
+once and cached, so only the prompt encoder and mask decoder train: fast enough on a
+laptop CPU for any registry model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Protocol, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..modeling import Sam
+from ..utils.image import to_rgb_uint8
+from ..utils.transforms import ResizeLongestSide
+from .losses import mask_iou, mask_loss
+from .prompts import corrective_points, noisy_boxes, sample_points_in
+from .synthetic import synthetic_image
+
+_logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run (stored in its checkpoints).
+
+    Attributes:
+        steps: optimizer steps in the run.
+        images_per_step: images per batch.
+        objects_per_image: most objects prompted per image (chosen at random).
+        iterations: prompt rounds per object: the first prompt, then corrective points.
+        lr: peak learning rate (AdamW), reached after ``warmup_steps``, then cosine decay to 0.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up length.
+        decoder_only: freeze the image encoder and cache image embeddings.
+        precision: "fp32" or "bf16" (autocast for the forward pass).
+        seed: seed of data, prompts and initial weights.
+        checkpoint_every: steps between resumable training states.
+        min_object_area: objects smaller than this (pixels, in the input frame) are not prompted.
+        augment: random flips and 90-degree rotations of annotated images.
+    """
+
+    steps: int = 1000
+    images_per_step: int = 4
+    objects_per_image: int = 8
+    iterations: int = 3
+    lr: float = 4e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    decoder_only: bool = False
+    precision: str = "fp32"
+    seed: int = 0
+    checkpoint_every: int = 50
+    min_object_area: int = 16
+    augment: bool = True
+
+
+class TrainingData(Protocol):
+    """A source of (image, labels) pairs: ``batch(step, count)`` must depend only on its arguments."""
+
+    def batch(self, step: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]: ...
+
+
+@dataclass
+class SyntheticData:
+    """Endless synthetic images (:func:`~napari_sam.training.synthetic.synthetic_image`)."""
+
+    seed: int = 0
+    kind: Optional[str] = None
+
+    def batch(self, step: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        out = []
+        for i in range(count):
+            sample = synthetic_image(np.random.default_rng([self.seed, step, i]), kind=self.kind)
+            out.append((sample.image, sample.labels))
+        return out
+
+
+@dataclass
+class AnnotatedImages:
+    """A user's images with instance label images (as napari Labels layers hold them).
+
+    Args:
+        images: HxW, HxWxC (C = 1, 3, 4) arrays of any real dtype (converted as
+            ``SamPredictor.set_image`` converts them: contrast limits or robust percentiles).
+        labels: HxW integer label images, 0 = background, one id per object.
+        seed: seed of the image choice and augmentation.
+        augment: random flips and 90-degree rotations.
+
+    Raises:
+        ValueError: different counts, no images, or a label image whose shape is not the
+            image's first two dimensions.
+    """
+
+    images: Sequence[np.ndarray]
+    labels: Sequence[np.ndarray]
+    seed: int = 0
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.labels) or not self.images:
+            raise ValueError(
+                f"Expected as many label images as images (at least one); got {len(self.images)} images "
+                f"and {len(self.labels)} label images."
+            )
+        for i, (image, labels) in enumerate(zip(self.images, self.labels)):
+            if np.shape(labels) != np.shape(image)[:2] or np.asarray(labels).dtype.kind not in "iub":
+                raise ValueError(
+                    f"Label image {i} must be an integer HxW array matching image {i}'s first two dimensions "
+                    f"{np.shape(image)[:2]}; got {np.asarray(labels).dtype} {np.shape(labels)}."
+                )
+
+    def batch(self, step: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        rng = np.random.default_rng([self.seed, step])
+        out = []
+        for index in rng.integers(0, len(self.images), count):
+            image, labels = np.asarray(self.images[index]), np.asarray(self.labels[index])
+            if self.augment:
+                turns = int(rng.integers(4))
+                image, labels = np.rot90(image, turns, (0, 1)), np.rot90(labels, turns, (0, 1))
+                if rng.random() < 0.5:
+                    image, labels = image[:, ::-1], labels[:, ::-1]
+            out.append((image, labels))
+        return out
+
+
+def prepare(model: Sam, image: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model input and label image in the model's input frame.
+
+    Returns:
+        (3xSxS float32 normalised, padded image; SxS int64 labels, 0 in the padding),
+        S = ``model.image_encoder.img_size``.
+    """
+    side = model.image_encoder.img_size
+    rgb = to_rgb_uint8(image)
+    transform = ResizeLongestSide(side)
+    resized = transform.apply_image(rgb)
+    tensor = torch.as_tensor(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
+    h, w = resized.shape[:2]
+    # nearest-neighbour resize of the labels to the same h x w
+    rows = np.minimum((np.arange(h) + 0.5) * labels.shape[0] / h, labels.shape[0] - 1).astype(int)
+    cols = np.minimum((np.arange(w) + 0.5) * labels.shape[1] / w, labels.shape[1] - 1).astype(int)
+    small = np.asarray(labels)[rows][:, cols].astype(np.int64)
+    padded = torch.zeros((side, side), dtype=torch.int64)
+    padded[:h, :w] = torch.from_numpy(small)
+    return model.preprocess(tensor.to(model.device)), padded
+
+
+def _pick_objects(
+    labels: torch.Tensor, count: int, min_area: int, generator: torch.Generator,
+) -> torch.Tensor:
+    """KxSxS bool masks of up to ``count`` random objects of at least ``min_area`` pixels."""
+    ids, areas = torch.unique(labels, return_counts=True)
+    ids = ids[(ids > 0) & (areas >= min_area)]
+    if len(ids) == 0:
+        return torch.zeros((0, *labels.shape), dtype=torch.bool)
+    chosen = ids[torch.randperm(len(ids), generator=generator)[:count]]
+    return labels.unsqueeze(0) == chosen[:, None, None]
+
+
+@dataclass
+class StepResult:
+    """Losses of one step (floats) and the mean IoU of the last round's masks."""
+
+    loss: float
+    mask_loss: float
+    iou_loss: float
+    last_round_iou: float
+    objects: int
+
+
+def autocast(model: Sam, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(model.device.type, dtype=torch.bfloat16)
+    raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}.")
+
+
+def training_step(
+    model: Sam, embeddings: torch.Tensor, labels: Sequence[torch.Tensor], config: TrainConfig,
+    generator: torch.Generator, first_prompt: str,
+) -> tuple[torch.Tensor, StepResult]:
+    """Loss of one batch with simulated interactive prompts (see the module docstring).
+
+    Args:
+        model: the SAM being trained.
+        embeddings: BxCxhxw image embeddings of the batch (with gradient unless decoder-only).
+        labels: B label images in the input frame (SxS int64).
+        config: run settings.
+        generator: torch random generator for object choice and prompts.
+        first_prompt: "point" or "box".
+
+    Returns:
+        (scalar loss tensor, :class:`StepResult`).
+    """
+    side = model.image_encoder.img_size
+    masks, owner = [], []
+    for b, label_image in enumerate(labels):
+        picked = _pick_objects(label_image, config.objects_per_image, config.min_object_area, generator)
+        masks.append(picked)
+        owner += [b] * len(picked)
+    if not owner:
+        zero = embeddings.sum() * 0.0
+        return zero, StepResult(0.0, 0.0, 0.0, float("nan"), 0)
+    target = torch.cat(masks).to(model.device)
+    object_embeddings = embeddings[torch.tensor(owner, device=embeddings.device)]
+    image_pe = model.prompt_encoder.get_dense_pe()
+    count = len(target)
+
+    points = sample_points_in(target.cpu(), generator).unsqueeze(1)
+    point_labels = torch.ones((count, 1))
+    boxes = None
+    if first_prompt == "box":
+        boxes = noisy_boxes(target.cpu(), generator, side)
+        points, point_labels = torch.zeros((count, 0, 2)), torch.zeros((count, 0))
+    previous = None
+    total_mask, total_iou = 0.0, 0.0
+    last_iou = torch.zeros(())
+    for round_index in range(config.iterations):
+        ambiguous = boxes is None and points.shape[1] == 1
+        sparse, dense = model.prompt_encoder(
+            points=(points.to(model.device), point_labels.to(model.device)) if points.shape[1] else None,
+            boxes=boxes.to(model.device) if boxes is not None else None,
+            masks=previous,
+        )
+        logits, iou_pred = model.mask_decoder.predict_masks(object_embeddings, image_pe, sparse, dense)
+        outputs = slice(1, None) if ambiguous else slice(0, 1)
+        low_res = logits[:, outputs].float()
+        iou_pred = iou_pred[:, outputs].float()
+        upscaled = F.interpolate(low_res, (side, side), mode="bilinear", align_corners=False)
+        losses = mask_loss(upscaled, target)
+        actual = mask_iou(upscaled, target)
+        best = losses.argmin(1)
+        rows = torch.arange(count, device=losses.device)
+        total_mask = total_mask + losses[rows, best].mean()
+        total_iou = total_iou + F.mse_loss(iou_pred, actual)
+        last_iou = actual[rows, best]
+        if round_index + 1 < config.iterations:
+            previous = low_res[rows, best].unsqueeze(1).detach()
+            predicted = (upscaled[rows, best] > 0).detach().cpu()
+            new_points, new_labels = corrective_points(predicted, target.cpu(), generator)
+            points = torch.cat([points, new_points.unsqueeze(1)], 1)
+            point_labels = torch.cat([point_labels, new_labels.unsqueeze(1)], 1)
+    loss = (total_mask + total_iou) / config.iterations
+    result = StepResult(
+        float(loss.detach()), float(total_mask.detach()) / config.iterations, float(total_iou.detach()) / config.iterations,
+        float(last_iou.mean()), count,
+    )
+    return loss, result
+
+
+def init_from_scratch(model: Sam, seed: int = 0) -> Sam:
+    """Standard ViT initialisation for training from scratch (in place).
+
+    Linear layers and the absolute position embedding: truncated normal, std 0.02;
+    biases 0; LayerNorm weight 1 and bias 0 (ViT, Dosovitskiy et al. 2021; as in MAE).
+    Convolutions, embeddings and relative-position tables keep their PyTorch defaults.
+    """
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, torch.nn.LayerNorm):
+            torch.nn.init.ones_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    if model.image_encoder.pos_embed is not None:
+        torch.nn.init.trunc_normal_(model.image_encoder.pos_embed, std=0.02)
+    return model
+
+
+def _learning_rate(config: TrainConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _save_atomic(obj: object, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class TrainState:
+    """What :func:`train` writes to ``<out_dir>/training_state.pt`` to resume."""
+
+    step: int = 0
+    history: list = field(default_factory=list)
+
+
+def train(
+    model: Sam, data: TrainingData, config: TrainConfig, out_dir: PathLike,
+    progress: Optional[Callable[[int, int, StepResult], None]] = None,
+    log_every: int = 10,
+) -> Sam:
+    """Train ``model`` in place; resumable.
+
+    Writes ``<out_dir>/training_state.pt`` (model, optimizer, step, history, config) every
+    ``config.checkpoint_every`` steps and at the end, ``<out_dir>/model.pth`` (a plain SAM
+    state dict that ``sam_model_registry[type](checkpoint=...)`` and ``build_sam`` load)
+    at the end, and ``<out_dir>/history.jsonl`` (one line of losses per logged step). All
+    writes are atomic (temporary file, then rename). A run started again with the same
+    ``out_dir`` continues from the last training state, with the same data it would have
+    seen.
+
+    Args:
+        model: SAM to train (any registry type); its device is used.
+        data: a :class:`TrainingData` (e.g. :class:`SyntheticData`, :class:`AnnotatedImages`).
+        config: run settings.
+        out_dir: folder for checkpoints (created).
+        progress: called as ``progress(step, total_steps, result)`` after every step.
+        log_every: steps between lines in ``history.jsonl`` and the log.
+
+    Returns:
+        The trained model (the same object), in eval mode.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "training_state.pt"
+    torch.manual_seed(config.seed)
+    if config.decoder_only:
+        model.image_encoder.requires_grad_(False)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    state = TrainState()
+    if state_path.exists():
+        saved = torch.load(state_path, map_location=model.device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = TrainState(saved["step"], saved["history"])
+        _logger.info("Resuming from step %d of %d (%s).", state.step, config.steps, state_path)
+    embedding_cache: dict[int, torch.Tensor] = {}
+    model.train()
+    if config.decoder_only:
+        model.image_encoder.eval()
+    started = time.perf_counter()
+    for step in range(state.step, config.steps):
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        pairs = data.batch(step, config.images_per_step)
+        prepared = [prepare(model, image, labels) for image, labels in pairs]
+        inputs = torch.stack([p[0] for p in prepared])
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(config, step)
+        first_prompt = "point" if torch.rand((), generator=generator) < 0.5 else "box"
+        with autocast(model, config.precision):
+            if config.decoder_only:
+                embeddings = _cached_embeddings(model, inputs, embedding_cache)
+            else:
+                embeddings = model.image_encoder(inputs)
+            loss, result = training_step(
+                model, embeddings, [p[1] for p in prepared], config, generator, first_prompt
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if result.objects:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+        done = step + 1
+        if progress is not None:
+            progress(done, config.steps, result)
+        if done % log_every == 0 or done == config.steps:
+            record = {"step": done, "seconds": round(time.perf_counter() - started, 1), **asdict(result)}
+            state.history.append(record)
+            with open(out / "history.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            _logger.info("step %d/%d loss %.4f last-round IoU %.3f", done, config.steps, result.loss,
+                         result.last_round_iou)
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            state.step = done
+            _save_atomic(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                 "history": state.history, "config": asdict(config)},
+                state_path,
+            )
+    model.eval()
+    _save_atomic(model.state_dict(), out / "model.pth")
+    return model
+
+
+def _cached_embeddings(model: Sam, inputs: torch.Tensor, cache: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Image embeddings of a frozen encoder, computed once per distinct input image."""
+    out = []
+    with torch.no_grad():
+        for image in inputs:
+            key = hash(image.cpu().numpy().tobytes())
+            if key not in cache:
+                cache[key] = model.image_encoder(image[None]).float()[0]
+            out.append(cache[key])
+    return torch.stack(out)
