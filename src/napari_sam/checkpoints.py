@@ -74,6 +74,8 @@ class KnownWeights:
         url: official download URL.
         known_hash: ``"<algorithm>:<hex digest>"`` as pooch reads it, e.g. ``"xxh128:..."``.
         description: one line for menus and messages.
+        bundled: path of a copy shipped inside the package (loaded offline, never
+            downloaded or copied to the cache), or None.
     """
 
     name: str
@@ -82,6 +84,7 @@ class KnownWeights:
     url: str
     known_hash: str
     description: str = ""
+    bundled: Optional[Path] = None
 
 
 _OFFICIAL = "https://dl.fbaipublicfiles.com/segment_anything/"
@@ -137,6 +140,32 @@ register_weights(
         "xxh128:6923c33df3637b6a922d7682bfc9a86b", "SAM ViT-B, official (358 MB)",
     )
 )
+
+
+# The project's own small model, trained from scratch on synthetic microscopy-like images
+# (scripts/train_small_model.py); shipped in the package, so it works offline.
+SMALL_MODEL_HASH = "xxh128:00000000000000000000000000000000"
+register_weights(
+    KnownWeights(
+        "vit_small", "vit_small", SMALL_MODEL_FILE.name, "", SMALL_MODEL_HASH,
+        "napari-sam small model, bundled (16 MB, trained on synthetic microscopy images)",
+        bundled=SMALL_MODEL_FILE,
+    )
+)
+
+# Types tried, in order, by default_model_type: the first whose weights are cached wins.
+DEFAULT_MODEL_PREFERENCE = ("vit_b", "vit_l", "vit_h")
+
+
+def default_model_type(cache_dir: Optional[PathLike] = None) -> str:
+    """The model used when none is given: the first of vit_b, vit_l, vit_h whose official
+    weights are already in the cache folder, else the bundled ``vit_small`` (no download).
+    """
+    folder = get_cache_dir(cache_dir)
+    for name in DEFAULT_MODEL_PREFERENCE:
+        if (folder / KNOWN_WEIGHTS[name].filename).is_file():
+            return name
+    return "vit_small"
 
 
 def known_weights(name_or_type: str) -> KnownWeights:
@@ -313,6 +342,13 @@ def fetch_weights(
             picked up.
     """
     entry = known_weights(name)
+    if entry.bundled is not None:
+        if not entry.bundled.is_file():
+            raise DownloadError(
+                f"The bundled {entry.name} weights are missing from the package ({entry.bundled}). In a source "
+                f"checkout, create them with 'python scripts/train_small_model.py', or reinstall napari-sam."
+            )
+        return entry.bundled
     folder = get_cache_dir(cache_dir).resolve()
     path = folder / entry.filename
     if path.is_file():
@@ -417,8 +453,8 @@ def build_sam(
 ) -> "Sam":
     """Build a SAM with weights, in eval mode, on ``device``.
 
-    Without ``checkpoint``, loads the known weights of ``model_type`` (default ``"vit_b"``)
-    from the cache folder, downloading them when missing. With ``checkpoint``, the model
+    Without ``checkpoint``, loads the known weights of ``model_type`` from the cache folder,
+    downloading them when missing (the bundled ``vit_small`` is never downloaded). With ``checkpoint``, the model
     type is detected from the tensor shapes, so ``build_sam(checkpoint=path)`` (the
     reference's call style) is enough; a ``model_type`` that disagrees with the file is
     logged as a warning and the detected type is built. A bare state dict, or one under a
@@ -426,9 +462,10 @@ def build_sam(
     ``build_sam(path)``, a first argument that is a file path is taken as ``checkpoint``.
 
     Args:
-        model_type: ``"vit_b"``, ``"vit_l"``, ``"vit_h"``, ``"default"`` (= vit_h) or
-            another known weights name; None means vit_b without a checkpoint and
-            "detect" with one.
+        model_type: ``"vit_b"``, ``"vit_l"``, ``"vit_h"``, ``"vit_small"``, ``"default"``
+            (= vit_h) or another known weights name; None means :func:`default_model_type`
+            (cached official weights, else the bundled small model) without a checkpoint
+            and "detect" with one.
         checkpoint: path of a PyTorch checkpoint holding a SAM state dict.
         device: where to put the model; None means cuda when available, else cpu.
         cache_dir, mirror, progressbar, progress_callback: see :func:`fetch_weights`.
@@ -447,7 +484,7 @@ def build_sam(
     if checkpoint is None and model_type is not None and _looks_like_path(model_type):
         model_type, checkpoint = None, model_type
     path = resolve_checkpoint(
-        model_type or "vit_b", checkpoint, cache_dir=cache_dir, mirror=mirror, progressbar=progressbar,
+        model_type or default_model_type(cache_dir), checkpoint, cache_dir=cache_dir, mirror=mirror, progressbar=progressbar,
         progress_callback=progress_callback,
     )
     state = read_state_dict(path)
@@ -472,6 +509,7 @@ __all__ = [
     "MIRROR_ENV",
     "build_sam",
     "default_device",
+    "default_model_type",
     "download_url",
     "fetch_weights",
     "get_cache_dir",

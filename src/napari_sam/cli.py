@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="Folder for the results (created if needed).")
     parser.add_argument(
         "--model-type", default=None,
-        help="vit_h, vit_l, vit_b (or default = vit_h, vit_test); detected from --checkpoint if omitted.",
+        help="vit_h, vit_l, vit_b, vit_small (or default = vit_h, vit_test); detected from --checkpoint if "
+        "omitted; without both: vit_b, vit_l or vit_h if their weights are cached, else the bundled vit_small.",
     )
     parser.add_argument("--checkpoint", default=None, help="Path to the SAM checkpoint (.pth).")
     parser.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu.")
@@ -97,22 +98,24 @@ def resolve_checkpoint(model_type: Optional[str], checkpoint: Optional[str]) -> 
     """(model type, checkpoint path) from ``--model-type`` and ``--checkpoint``.
 
     With ``--checkpoint``, that file is used; its type is detected from the tensor shapes
-    when ``--model-type`` is not given. Without it, the known official weights of
-    ``--model-type`` (default ``vit_b``; the reference's script has no default checkpoint)
+    when ``--model-type`` is not given. Without it, the known weights of ``--model-type``
     come from the cache folder, downloaded once with a progress bar
-    (:func:`napari_sam.checkpoints.resolve_checkpoint`).
+    (:func:`napari_sam.checkpoints.resolve_checkpoint`). Without both, the model is
+    :func:`napari_sam.checkpoints.default_model_type`: cached official weights (vit_b,
+    vit_l, vit_h in that order), else the small model bundled in the package, offline
+    (the reference's script has no default checkpoint).
 
     Raises:
         CliError: the checkpoint is missing or unreadable, the model type is unknown, or the
             weights cannot be downloaded (the message says where to put a manual download).
     """
     from .build import CheckpointError, detect_model_type, read_state_dict
-    from .checkpoints import DownloadError
+    from .checkpoints import DownloadError, default_model_type
     from .checkpoints import resolve_checkpoint as resolve_known
 
     try:
         if checkpoint is None:
-            model_type = model_type or "vit_b"
+            model_type = model_type or default_model_type()
             return ("vit_h" if model_type == "default" else model_type), os.fspath(resolve_known(model_type))
         if model_type is None:
             model_type = detect_model_type(read_state_dict(checkpoint))

@@ -18,11 +18,13 @@ from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 
+from ..checkpoints import default_model_type
 from ..interactive.automatic import AMG_SETTINGS, AutomaticResult, all_slices, automatic_steps, write_slice
 from ..interactive.engine import ModelSpec, display_rgb, load_model
 from ._layers import current_slice, image_array, spatial_shape, transform_kwargs
 
 MODEL_CHOICES = [
+    ("napari-sam small model (bundled, offline)", "vit_small"),
     ("vit_b (official weights, downloaded once)", "vit_b"),
     ("vit_l (official weights)", "vit_l"),
     ("vit_h (official weights)", "vit_h"),
@@ -37,7 +39,7 @@ class AutomaticSegmentationWidget(Container):
         super().__init__(labels=True)
         self._viewer = napari_viewer
         self._image = ComboBox(label="Image", choices=self._image_choices, tooltip="Image layer to segment.")
-        self._model = ComboBox(label="Model", choices=MODEL_CHOICES, value="vit_b")
+        self._model = ComboBox(label="Model", choices=MODEL_CHOICES, value=default_model_type())
         self._device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self._precision = ComboBox(
             label="Precision", choices=["fp32", "bf16"], value="fp32",

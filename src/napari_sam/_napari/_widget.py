@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import napari.viewer
 from qtpy.QtCore import QObject, QTimer, Signal
 
+from ..checkpoints import default_model_type
 from ..interactive.engine import ModelSpec, SamEngine, display_rgb, objects_to_labels
 from ..interactive.history import CommitHistory, next_free_id, plan_commit
 from ..interactive.prompts import NEGATIVE, POSITIVE, ObjectPrompt, SliceSpec, build_prompts
@@ -43,6 +44,7 @@ _logger = logging.getLogger(__name__)
 DEBOUNCE_MS = 120
 NEW_LAYER = "(new layer)"
 MODEL_CHOICES = [
+    ("napari-sam small model (bundled, offline)", "vit_small"),
     ("SAM ViT-B (known weights)", "vit_b"),
     ("SAM ViT-L (known weights)", "vit_l"),
     ("SAM ViT-H (known weights)", "vit_h"),
@@ -142,7 +144,7 @@ class SamWidget(Container):
         self._hooked_points: "weakref.WeakSet[Points]" = weakref.WeakSet()
 
         self._image_combo = ComboBox(label="Image", choices=self._image_choices, nullable=True)
-        self._model_combo = ComboBox(label="Model", choices=MODEL_CHOICES, value="vit_b")
+        self._model_combo = ComboBox(label="Model", choices=MODEL_CHOICES, value=default_model_type())
         self._checkpoint = FileEdit(label="Checkpoint", mode="r", filter="*.pth *.pt")
         self._device_combo = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self._points_combo = ComboBox(label="Points", choices=self._points_choices)

@@ -29,7 +29,7 @@ from .prompts import ObjectPrompt
 _logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-SMALL_OFFLINE_MODEL = "vit_test"
+SMALL_OFFLINE_MODEL = "vit_test"  # random weights, seeded: for tests
 DEFAULT_CACHE_BYTES = 512 * 2**20  # ~128 vit_b embeddings (1x256x64x64 float32 = 4 MiB each)
 
 ProgressCallback = Callable[[int, int], None]
@@ -40,16 +40,16 @@ class ModelSpec:
     """Which SAM to load.
 
     Attributes:
-        model_type: registry type ("vit_b", "vit_l", "vit_h", "vit_test"); with a checkpoint it
+        model_type: registry type ("vit_small", "vit_b", "vit_l", "vit_h", "vit_test"); with a checkpoint it
             may be "auto" (detected from the tensor shapes).
         checkpoint: path of a ``.pth`` state dict, or None: known weights for the type (through
-            ``napari_sam.checkpoints`` when available), or random weights for ``vit_test`` (the
-            small offline model, seeded, for tests and demos).
+            ``napari_sam.checkpoints``; ``vit_small`` is bundled in the package), or random
+            weights for ``vit_test`` (seeded, for tests and demos).
         device: "auto" (CUDA, then Apple MPS, then CPU), "cpu", "cuda" or "mps".
         precision: "fp32", "bf16" or "fp16", see :class:`napari_sam.SamPredictor`.
     """
 
-    model_type: str = "vit_b"
+    model_type: str = "vit_small"
     checkpoint: Optional[str] = None
     device: str = "auto"
     precision: str = "fp32"

@@ -6,6 +6,8 @@ Each call draws one image of a random *kind*:
   bright on dark, with a dim seam where two touch);
 * ``"cells"``: larger irregular cells, textured cytoplasm with a brighter nucleus inside
   (the label is the whole cell), packed so that many touch;
+* ``"phase"`` (not drawn unless asked for): phase-contrast-like cells, interior close to
+  the background level, a dark rim and a bright halo outside;
 * ``"shapes"``: ellipses, star-convex polygons, crescents and thresholded-noise blobs,
   smooth or textured, bright on dark or dark on bright, overlapping (a later object
   occludes an earlier one; its label is what stays visible);
@@ -33,7 +35,10 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage
 
-KINDS = ("nuclei", "cells", "shapes")
+KINDS = ("nuclei", "cells", "shapes")  # what the training stream draws from
+# Not in the from-scratch training stream: phase-contrast-like cells (interior close to the
+# background, a dark rim and a bright halo), used to check fine-tuning on a new kind.
+EXTRA_KINDS = ("phase",)
 HELDOUT_SEED = 10**9
 
 
@@ -206,6 +211,24 @@ def _render(
     return image
 
 
+def _render_phase(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
+    """Phase-contrast-like intensity image (HxWx1 float) for a label image."""
+    inside = labels > 0
+    texture = _smooth_noise(rng, labels.shape, rng.uniform(3, 15)) * rng.uniform(0.01, 0.04)
+    image = 0.5 + texture + inside * rng.uniform(-0.06, 0.06)
+    image += inside * _smooth_noise(rng, labels.shape, rng.uniform(0.7, 2.0)) * rng.uniform(0.01, 0.05)
+    rim = np.zeros(labels.shape, bool)
+    rim[:-1] |= labels[:-1] != labels[1:]
+    rim[1:] |= labels[:-1] != labels[1:]
+    rim[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    rim[:, 1:] |= labels[:, :-1] != labels[:, 1:]
+    image -= (rim & inside) * rng.uniform(0.1, 0.3)
+    halo_width = rng.uniform(1.5, 4.0)
+    outside_distance = ndimage.distance_transform_edt(~inside)
+    image += (~inside) * np.exp(-outside_distance / halo_width) * rng.uniform(0.15, 0.4)
+    return ndimage.gaussian_filter(image.astype(np.float32), 0.6)[..., None]
+
+
 def _degrade_and_encode(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     """Blur, noise and conversion to a random storage dtype."""
     blur = rng.uniform(0, 2.0)
@@ -239,7 +262,7 @@ def synthetic_image(
     Args:
         rng: numpy random generator (the only source of randomness).
         shape: (H, W) in pixels; default: long side 256, aspect ratio 0.6 to 1, either orientation.
-        kind: "nuclei", "cells" or "shapes" (default: random).
+        kind: "nuclei", "cells" or "shapes" (default: random among these), or "phase".
         shapes: shape names to draw from (default by kind); any of "ellipse", "star",
             "crescent", "blob".
         min_area: smallest visible object area in pixels that gets a label.
@@ -251,17 +274,21 @@ def synthetic_image(
         short = int(256 * rng.uniform(0.6, 1.0))
         shape = (256, short) if rng.random() < 0.5 else (short, 256)
     kind = kind or str(rng.choice(KINDS))
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
+    if kind not in KINDS + EXTRA_KINDS:
+        raise ValueError(f"kind must be one of {KINDS + EXTRA_KINDS}, got {kind!r}.")
     if shapes is None:
-        shapes = {"nuclei": ("ellipse", "star", "blob"), "cells": ("star", "blob", "ellipse")}.get(
+        shapes = {"nuclei": ("ellipse", "star", "blob"), "cells": ("star", "blob", "ellipse"),
+                  "phase": ("star", "blob", "ellipse")}.get(
             kind, tuple(SHAPES)
         )
-    touching = {"nuclei": 0.5, "cells": 0.8}.get(kind, 0.4)
-    labels, _ = _place_objects(rng, shape, kind, tuple(shapes), touching, min_area)
+    touching = {"nuclei": 0.5, "cells": 0.8, "phase": 0.5}.get(kind, 0.4)
+    labels, _ = _place_objects(rng, shape, "cells" if kind == "phase" else kind, tuple(shapes), touching, min_area)
     labels = _finish_labels(labels, min_area)
-    low = rng.uniform(0.08, 0.6)
-    image = _render(rng, labels, kind, (low, low + rng.uniform(0.1, 0.8)), colour=rng.random() < 0.35)
+    if kind == "phase":
+        image = _render_phase(rng, labels)
+    else:
+        low = rng.uniform(0.08, 0.6)
+        image = _render(rng, labels, kind, (low, low + rng.uniform(0.1, 0.8)), colour=rng.random() < 0.35)
     return SyntheticImage(_degrade_and_encode(rng, image), labels, kind)
 
 

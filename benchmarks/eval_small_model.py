@@ -1,0 +1,199 @@
+"""Quality of a SAM model on data its training never saw, beside trivial baselines.
+
+Two test sets:
+
+* synthetic held-out images (``napari_sam.training.synthetic.heldout_set``: star-convex
+  polygons, crescents and ellipses, touching objects, varied contrast; seeds the training
+  stream never draws), 256x256;
+* scikit-image's ``coins`` photograph, with a ground truth from a classical pipeline
+  (scikit-image's "Comparing edge-based and region-based segmentation" example): Sobel
+  elevation map, markers below 30 (background) and above 150 (coins), watershed, hole
+  filling, connected components; components under 100 pixels are dropped.
+
+Prompts, per ground-truth object:
+
+* point: one positive point at the object's centroid, or, where the centroid is not at
+  least 2 px inside the object (crescents), at the object pixel farthest from its
+  boundary; the best of the three multimask outputs (by IoU with the ground truth);
+* box: the object's tight bounding box (x0, y0, x1, y1 of its extreme pixels), single output.
+
+Baselines: "filled box" (the box itself as the mask) and "disk r" (a disk of radius r px
+around the point; the best radius is reported, an optimistic baseline). Automatic mask
+generation (AMG) recall: the fraction of ground-truth objects matched by some generated
+mask with IoU >= 0.5.
+
+Usage::
+
+    python benchmarks/eval_small_model.py [--checkpoint PATH] [--images 50] [--json out.json]
+
+Without ``--checkpoint`` the bundled ``vit_small`` weights are evaluated. A training
+state (``runs/vit_small/training_state.pt``) is accepted too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from napari_sam import SamAutomaticMaskGenerator, SamPredictor
+from napari_sam.checkpoints import build_sam
+
+DISK_RADII = (3, 5, 8, 12, 16, 20, 24, 28, 32)
+MIN_OBJECT_AREA = 25
+
+
+def coins_ground_truth() -> tuple[np.ndarray, np.ndarray]:
+    """(coins image HxW uint8, instance labels HxW int32) from the classical pipeline above."""
+    from skimage import data
+    from skimage.filters import sobel
+    from skimage.segmentation import watershed
+
+    coins = data.coins()
+    markers = np.zeros_like(coins, dtype=np.int32)
+    markers[coins < 30] = 1
+    markers[coins > 150] = 2
+    foreground = watershed(sobel(coins), markers) == 2
+    foreground = ndimage.binary_fill_holes(foreground)
+    labels, _ = ndimage.label(foreground)
+    areas = np.bincount(labels.ravel())
+    small = np.flatnonzero(areas < 100)
+    labels[np.isin(labels, small)] = 0
+    relabelled, _ = ndimage.label(labels > 0)
+    return coins, relabelled.astype(np.int32)
+
+
+def prompt_point(mask: np.ndarray) -> tuple[float, float]:
+    """(x, y) prompt for a mask: the centroid, or the innermost pixel when the centroid is
+    not at least 2 px inside the object."""
+    distance = ndimage.distance_transform_edt(mask)
+    ys, xs = np.nonzero(mask)
+    cy, cx = ys.mean(), xs.mean()
+    iy, ix = int(round(cy)), int(round(cx))
+    if 0 <= iy < mask.shape[0] and 0 <= ix < mask.shape[1] and distance[iy, ix] >= 2:
+        return float(cx), float(cy)
+    iy, ix = np.unravel_index(int(np.argmax(distance)), mask.shape)
+    return float(ix), float(iy)
+
+
+def tight_box(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def evaluate_image(predictor: SamPredictor, image: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:
+    """Per-object IoUs of the model and the baselines on one image."""
+    predictor.set_image(image)
+    scores: dict[str, list[float]] = {"point": [], "box": [], "filled box": []}
+    scores.update({f"disk {r}": [] for r in DISK_RADII})
+    yy, xx = np.mgrid[0 : labels.shape[0], 0 : labels.shape[1]]
+    for index in range(1, int(labels.max()) + 1):
+        mask = labels == index
+        if mask.sum() < MIN_OBJECT_AREA:
+            continue
+        x, y = prompt_point(mask)
+        masks, _, _ = predictor.predict(np.array([[x, y]]), np.array([1]), multimask_output=True)
+        scores["point"].append(max(iou(m, mask) for m in masks))
+        box = tight_box(mask)
+        masks, _, _ = predictor.predict(box=box, multimask_output=False)
+        scores["box"].append(iou(masks[0], mask))
+        filled = (xx >= box[0]) & (xx <= box[2]) & (yy >= box[1]) & (yy <= box[3])
+        scores["filled box"].append(iou(filled, mask))
+        for r in DISK_RADII:
+            scores[f"disk {r}"].append(iou((xx - x) ** 2 + (yy - y) ** 2 <= r * r, mask))
+    return scores
+
+
+def amg_recall(model, image: np.ndarray, labels: np.ndarray, settings: dict) -> tuple[int, int, int]:
+    """(objects found at IoU >= 0.5, objects, masks generated)."""
+    records = SamAutomaticMaskGenerator(model, **settings).generate(image)
+    found = 0
+    objects = 0
+    for index in range(1, int(labels.max()) + 1):
+        mask = labels == index
+        if mask.sum() < MIN_OBJECT_AREA:
+            continue
+        objects += 1
+        if any(iou(r["segmentation"], mask) >= 0.5 for r in records):
+            found += 1
+    return found, objects, len(records)
+
+
+def summarise(scores: dict[str, list[float]]) -> dict[str, float]:
+    out = {name: float(np.mean(values)) for name, values in scores.items()}
+    best_disk = max((k for k in out if k.startswith("disk")), key=out.get)
+    out["best disk"] = out[best_disk]
+    out["best disk radius"] = float(best_disk.split()[1])
+    out["objects"] = len(scores["point"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="model weights (default: the bundled vit_small)")
+    parser.add_argument("--images", type=int, default=50, help="number of held-out synthetic images")
+    parser.add_argument("--amg-images", type=int, default=20, help="synthetic images for the AMG recall")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="write the results here as JSON")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from napari_sam.training.synthetic import heldout_set
+
+    model = build_sam(args.checkpoint or "vit_small", device="cpu")
+    predictor = SamPredictor(model)
+    started = time.perf_counter()
+    results: dict[str, dict] = {}
+
+    synthetic = heldout_set(max(args.images, args.amg_images))
+    merged: dict[str, list[float]] = {}
+    for sample in synthetic[: args.images]:
+        for name, values in evaluate_image(predictor, sample.image, sample.labels).items():
+            merged.setdefault(name, []).extend(values)
+    results["synthetic"] = summarise(merged)
+
+    coins, coin_labels = coins_ground_truth()
+    results["coins"] = summarise(evaluate_image(predictor, coins, coin_labels))
+
+    amg_settings = {"points_per_side": 32}
+    found = objects = generated = 0
+    for sample in synthetic[: args.amg_images]:
+        f, o, g = amg_recall(model, sample.image, sample.labels, amg_settings)
+        found, objects, generated = found + f, objects + o, generated + g
+    results["synthetic"]["amg recall"] = found / max(objects, 1)
+    results["synthetic"]["amg objects"] = objects
+    results["synthetic"]["amg masks"] = generated
+    f, o, g = amg_recall(model, coins, coin_labels, amg_settings)
+    results["coins"]["amg recall"] = f / max(o, 1)
+    results["coins"]["amg objects"] = o
+    results["coins"]["amg masks"] = g
+
+    targets = {"synthetic": {"point": 0.85, "box": 0.90, "amg recall": 0.80}, "coins": {"point": 0.90, "box": 0.93}}
+    print(f"\nmodel: {args.checkpoint or 'bundled vit_small'}; {time.perf_counter() - started:.0f} s\n")
+    print("| data | objects | point (best of 3) | box | filled box | best disk (r) | AMG recall @0.5 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        t = targets[name]
+        amg = f"{r['amg recall']:.3f} ({r['amg masks']} masks)" + (f" (goal >= {t['amg recall']})" if "amg recall" in t else "")
+        print(
+            f"| {name} | {r['objects']} | {r['point']:.3f} (goal >= {t['point']}) | {r['box']:.3f} (goal >= {t['box']}) "
+            f"| {r['filled box']:.3f} | {r['best disk']:.3f} ({r['best disk radius']:.0f}) | {amg} |"
+        )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, **results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
