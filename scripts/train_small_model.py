@@ -24,8 +24,8 @@ from napari_sam.checkpoints import SMALL_MODEL_FILE
 from napari_sam.training.trainer import SyntheticData, TrainConfig, init_from_scratch, train
 
 RECIPE = TrainConfig(
-    steps=1500, images_per_step=4, objects_per_image=10, iterations=2, lr=3e-4, weight_decay=0.05,
-    warmup_steps=100, precision="bf16", seed=0, checkpoint_every=25,
+    steps=1600, images_per_step=4, objects_per_image=10, iterations=2, lr=6e-4, weight_decay=0.05,
+    warmup_steps=50, precision="bf16", seed=0, checkpoint_every=25,
 )
 
 

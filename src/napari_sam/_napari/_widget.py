@@ -473,15 +473,16 @@ class SamWidget(Container):
         return request
 
     def _start(self, request: _Request) -> None:
-        progress: Any = None
         if request.cache_key(self.engine) not in self.engine.cache:
-            total = 0 if self.engine.needs_loading else self.engine.embedding_step_count
-            progress = {"total": total, "desc": "SAM image embedding"}
             self._status.value = "Computing the image embedding..."
-        handlers = {"returned": self._on_returned, "errored": self._on_errored, "finished": self._on_finished}
-        worker = create_worker(
-            compute, self.engine, request, self._relay, _progress=progress, _connect=handlers, _start_thread=False
-        )
+        # Progress goes to the widget's status line, not to a napari ``progress`` bar: that
+        # bar shows an animated activity indicator whose repaints (the whole window is
+        # recomposed through OpenGL while a canvas is visible) cost CPU the embedding needs.
+        handlers = {
+            "returned": self._on_returned, "errored": self._on_errored, "finished": self._on_finished,
+            "yielded": self._on_progress,
+        }
+        worker = create_worker(compute, self.engine, request, self._relay, _connect=handlers, _start_thread=False)
         self._worker, self._running = worker, request
         worker.start()
 
@@ -502,6 +503,12 @@ class SamWidget(Container):
         pending, self._pending = self._pending, None
         if pending is not None:
             self._start(pending)
+
+    def _on_progress(self, step: tuple[int, int]) -> None:
+        if self._closed:
+            return
+        done, total = step
+        self._status.value = f"Computing the image embedding: step {done} of {total}..."
 
     def _on_download_progress(self, done: int, total: Optional[int]) -> None:
         if self._closed:

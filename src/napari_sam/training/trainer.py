@@ -276,23 +276,30 @@ def training_step(
 
 
 def init_from_scratch(model: Sam, seed: int = 0) -> Sam:
-    """Standard ViT initialisation for training from scratch (in place).
+    """Initialise every weight of ``model`` from ``seed`` for training from scratch (in place).
 
-    Linear layers and the absolute position embedding: truncated normal, std 0.02;
-    biases 0; LayerNorm weight 1 and bias 0 (ViT, Dosovitskiy et al. 2021; as in MAE).
-    Convolutions, embeddings and relative-position tables keep their PyTorch defaults.
+    Every layer gets PyTorch's default initialisation (``reset_parameters``), drawn after
+    ``torch.manual_seed(seed)``, so the starting weights depend only on the seed; the
+    absolute position embedding gets a truncated normal (std 0.02, as in ViT and MAE) so
+    that the image embedding carries position from the start; the prompt encoder's random
+    Fourier matrix is redrawn (standard normal, SAM's scale 1); relative-position tables
+    start at zero, as in SAM. (Truncated-normal std 0.02 for every linear layer was tried:
+    the mask decoder then stays longer on the all-background plateau.)
     """
     torch.manual_seed(seed)
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            torch.nn.init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, torch.nn.LayerNorm):
-            torch.nn.init.ones_(module.weight)
-            torch.nn.init.zeros_(module.bias)
-    if model.image_encoder.pos_embed is not None:
-        torch.nn.init.trunc_normal_(model.image_encoder.pos_embed, std=0.02)
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    encoder = model.image_encoder
+    if encoder.pos_embed is not None:
+        torch.nn.init.trunc_normal_(encoder.pos_embed, std=0.02)
+    for block in encoder.blocks:
+        if getattr(block.attn, "use_rel_pos", False):
+            torch.nn.init.zeros_(block.attn.rel_pos_h)
+            torch.nn.init.zeros_(block.attn.rel_pos_w)
+    matrix = model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    matrix.copy_(torch.randn(matrix.shape))
     return model
 
 
