@@ -366,6 +366,14 @@ def train(
         optimizer.load_state_dict(saved["optimizer"])
         state = TrainState(saved["step"], saved["history"])
         _logger.info("Resuming from step %d of %d (%s).", state.step, config.steps, state_path)
+        if saved.get("config", {}).get("steps", config.steps) != config.steps:
+            _logger.warning(
+                "The saved run was set up for %s steps, this one for %d: the learning-rate schedule "
+                "changes, so the result differs from a run started with %d steps.",
+                saved["config"]["steps"], config.steps, config.steps,
+            )
+        # history.jsonl may hold steps logged after the saved state: drop them, they rerun.
+        _rewrite_history(out / "history.jsonl", state.step)
     embedding_cache: dict[int, torch.Tensor] = {}
     model.train()
     if config.decoder_only:
@@ -412,6 +420,16 @@ def train(
     model.eval()
     _save_atomic(model.state_dict(), out / "model.pth")
     return model
+
+
+def _rewrite_history(path: Path, last_step: int) -> None:
+    """Keep only the lines of ``history.jsonl`` up to ``last_step`` (atomic rewrite)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _cached_embeddings(model: Sam, inputs: torch.Tensor, cache: dict[int, torch.Tensor]) -> torch.Tensor:
