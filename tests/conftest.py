@@ -22,6 +22,40 @@ def load_rgb(name: str) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+def reference_sam(config):
+    """The reference's own classes, constructed with the sizes of a ``napari_sam.build.SamConfig``.
+
+    For vit_b/l/h this is what the reference's ``sam_model_registry`` builds; for the small
+    types it shows that the reference's classes load our checkpoints unchanged.
+    """
+    from functools import partial
+
+    import torch
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    grid = config.img_size // config.patch_size
+    encoder = ImageEncoderViT(
+        depth=config.depth, embed_dim=config.embed_dim, img_size=config.img_size, mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=config.num_heads,
+        patch_size=config.patch_size, qkv_bias=True, use_rel_pos=True,
+        global_attn_indexes=list(config.global_attn_indexes), window_size=config.window_size,
+        out_chans=config.prompt_embed_dim,
+    )
+    prompts = PromptEncoder(
+        embed_dim=config.prompt_embed_dim, image_embedding_size=(grid, grid),
+        input_image_size=(config.img_size, config.img_size), mask_in_chans=config.mask_in_chans,
+    )
+    transformer = TwoWayTransformer(
+        depth=2, embedding_dim=config.prompt_embed_dim, mlp_dim=config.decoder_mlp_dim,
+        num_heads=config.decoder_num_heads,
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3, transformer=transformer, transformer_dim=config.prompt_embed_dim,
+        iou_head_depth=3, iou_head_hidden_dim=config.iou_head_hidden_dim,
+    )
+    return Sam(encoder, prompts, decoder, [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]).eval()
+
+
 def make_random_checkpoint(model_type: str, path: os.PathLike, seed: int = 0) -> Path:
     """Write a random-weight state dict for ``model_type`` that both SAMs load.
 
@@ -31,19 +65,13 @@ def make_random_checkpoint(model_type: str, path: os.PathLike, seed: int = 0) ->
     every term. Decoder output scales are raised so logits leave [-1, 1].
     """
     import torch
-    from segment_anything.build_sam import _build_sam
 
     from napari_sam.build import MODEL_CONFIGS
 
     config = MODEL_CONFIGS[model_type]
     torch.manual_seed(seed)
     with torch.device("cpu"):
-        model = _build_sam(
-            encoder_embed_dim=config.embed_dim,
-            encoder_depth=config.depth,
-            encoder_num_heads=config.num_heads,
-            encoder_global_attn_indexes=list(config.global_attn_indexes),
-        )
+        model = reference_sam(config)
     generator = torch.Generator().manual_seed(seed + 1)
     state = model.state_dict()
     for name, tensor in state.items():

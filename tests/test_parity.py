@@ -14,20 +14,19 @@ from napari_sam import SamPredictor, sam_model_registry
 
 segment_anything = pytest.importorskip("segment_anything")
 
-MODEL_TYPES = ["vit_test", pytest.param("vit_b", marks=pytest.mark.slow)]
+MODEL_TYPES = ["vit_test", "vit_small", pytest.param("vit_b", marks=pytest.mark.slow)]
 
 
 def build_reference(model_type: str, checkpoint):
-    from segment_anything.build_sam import _build_sam
+    from conftest import reference_sam
 
     from napari_sam.build import MODEL_CONFIGS
 
     if model_type in segment_anything.sam_model_registry:
         return segment_anything.sam_model_registry[model_type](checkpoint=str(checkpoint))
-    config = MODEL_CONFIGS[model_type]
-    return _build_sam(
-        config.embed_dim, config.depth, config.num_heads, list(config.global_attn_indexes), checkpoint=str(checkpoint)
-    )
+    model = reference_sam(MODEL_CONFIGS[model_type])  # the reference's classes, our sizes
+    model.load_state_dict(torch.load(checkpoint, weights_only=True), strict=True)
+    return model
 
 
 @pytest.fixture(scope="module", params=MODEL_TYPES)
@@ -72,7 +71,10 @@ def assert_prediction_matches(ref_out, our_out, ref_predictor, prompts):
 def test_image_embedding(predictors):
     ref_predictor, our_predictor, image = predictors
     ours, ref = our_predictor.get_image_embedding(), ref_predictor.get_image_embedding()
-    assert ours.shape == ref.shape == (1, 256, 64, 64) and ours.dtype == torch.float32
+    encoder = our_predictor.model.image_encoder
+    grid = encoder.img_size // encoder.patch_embed.proj.kernel_size[0]
+    channels = our_predictor.model.prompt_encoder.embed_dim
+    assert ours.shape == ref.shape == (1, channels, grid, grid) and ours.dtype == torch.float32
     assert (ours - ref).abs().max().item() <= 1e-4
     assert our_predictor.original_size == ref_predictor.original_size == image.shape[:2]
     assert our_predictor.input_size == ref_predictor.input_size
