@@ -20,7 +20,8 @@ Prompts, per ground-truth object:
 Baselines: "filled box" (the box itself as the mask) and "disk r" (a disk of radius r px
 around the point; the best radius is reported, an optimistic baseline). Automatic mask
 generation (AMG) recall: the fraction of ground-truth objects matched by some generated
-mask with IoU >= 0.5.
+mask with IoU >= 0.5, with the reference's default thresholds and with relaxed ones
+(``AMG_SETTINGS``).
 
 Usage::
 
@@ -47,6 +48,10 @@ from napari_sam.checkpoints import build_sam
 
 DISK_RADII = (3, 5, 8, 12, 16, 20, 24, 28, 32)
 MIN_OBJECT_AREA = 25
+AMG_SETTINGS = {
+    "default": {"points_per_side": 32},
+    "relaxed": {"points_per_side": 32, "pred_iou_thresh": 0.6, "stability_score_thresh": 0.8},
+}
 
 
 def coins_ground_truth() -> tuple[np.ndarray, np.ndarray]:
@@ -165,30 +170,31 @@ def main(argv: list[str] | None = None) -> int:
     coins, coin_labels = coins_ground_truth()
     results["coins"] = summarise(evaluate_image(predictor, coins, coin_labels))
 
-    amg_settings = {"points_per_side": 32}
-    found = objects = generated = 0
-    for sample in synthetic[: args.amg_images]:
-        f, o, g = amg_recall(model, sample.image, sample.labels, amg_settings)
-        found, objects, generated = found + f, objects + o, generated + g
-    results["synthetic"]["amg recall"] = found / max(objects, 1)
-    results["synthetic"]["amg objects"] = objects
-    results["synthetic"]["amg masks"] = generated
-    f, o, g = amg_recall(model, coins, coin_labels, amg_settings)
-    results["coins"]["amg recall"] = f / max(o, 1)
-    results["coins"]["amg objects"] = o
-    results["coins"]["amg masks"] = g
+    # AMG with the reference's defaults, and with lower thresholds (predicted IoU 0.6,
+    # stability 0.8), which a small model's less confident scores need.
+    for label, settings in AMG_SETTINGS.items():
+        found = objects = generated = 0
+        for sample in synthetic[: args.amg_images]:
+            f, o, g = amg_recall(model, sample.image, sample.labels, settings)
+            found, objects, generated = found + f, objects + o, generated + g
+        results["synthetic"][f"amg recall {label}"] = found / max(objects, 1)
+        results["synthetic"][f"amg masks {label}"] = generated
+        f, o, g = amg_recall(model, coins, coin_labels, settings)
+        results["coins"][f"amg recall {label}"] = f / max(o, 1)
+        results["coins"][f"amg masks {label}"] = g
 
-    targets = {"synthetic": {"point": 0.85, "box": 0.90, "amg recall": 0.80}, "coins": {"point": 0.90, "box": 0.93}}
+    targets = {"synthetic": {"point": 0.85, "box": 0.90}, "coins": {"point": 0.90, "box": 0.93}}
     print(f"\nmodel: {args.checkpoint or 'bundled vit_small'}; {time.perf_counter() - started:.0f} s\n")
-    print("| data | objects | point (best of 3) | box | filled box | best disk (r) | AMG recall @0.5 |")
+    print("| data | objects | point (best of 3) | box | filled box | best disk (r) | AMG recall, default / relaxed |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         t = targets[name]
-        amg = f"{r['amg recall']:.3f} ({r['amg masks']} masks)" + (f" (goal >= {t['amg recall']})" if "amg recall" in t else "")
+        amg = " / ".join(f"{r[f'amg recall {k}']:.3f} ({r[f'amg masks {k}']} masks)" for k in AMG_SETTINGS)
         print(
             f"| {name} | {r['objects']} | {r['point']:.3f} (goal >= {t['point']}) | {r['box']:.3f} (goal >= {t['box']}) "
             f"| {r['filled box']:.3f} | {r['best disk']:.3f} ({r['best disk radius']:.0f}) | {amg} |"
         )
+    print("\nAMG goal: recall >= 0.80 on the synthetic set (objects found at IoU >= 0.5).")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, **results}, indent=2))

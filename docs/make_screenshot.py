@@ -2,8 +2,9 @@
 
     xvfb-run -a env PYTHONPATH=src python docs/make_screenshot.py
 
-Uses the small offline model (vit_test, random weights), so the masks show the workflow, not
-SAM's quality.
+Uses the bundled small model (vit_small) on scikit-image's coins photograph: four coins
+committed from one click each, one from a box, and a current object from a positive and a
+negative point.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ def main() -> None:
 
     viewer = napari.Viewer(show=True)
     viewer.window.resize(1400, 820)
-    viewer.add_image(load_rgb("groceries.jpg"), name="groceries")
+    from skimage import data
+
+    viewer.add_image(data.coins(), name="coins")
     widget = SamWidget(viewer)
-    widget._model_combo.value = "vit_test"
+    widget._model_combo.value = "vit_small"
     viewer.window.add_dock_widget(widget, name="Segment Anything")
     app = QApplication.instance()
 
@@ -47,16 +50,24 @@ def main() -> None:
             app.processEvents()
             time.sleep(0.01)
 
-    widget.shapes_layer.add_rectangles(np.array([[60, 430], [330, 640]]))
+    points = widget.points_layer
+    for row, col in [(50, 45), (55, 100), (52, 155), (125, 45)]:  # one click per coin, committed
+        points.add([row, col])
+        settle()
+        widget.commit()
+        settle()
+        widget.clear_prompts()
+        settle()
+    widget.shapes_layer.add_rectangles(np.array([[100, 75], [155, 125]]))
     settle()
     widget.commit()
     settle()
-    points = widget.points_layer
-    points.add([330, 190])
+    widget.clear_prompts()
+    settle()
+    points.add([190, 205])
     points.feature_defaults = {"label": "negative"}
-    points.add([250, 120])
+    points.add([240, 300])
     points.feature_defaults = {"label": "positive"}
-    widget.shapes_layer.add_rectangles(np.array([[200, 80], [480, 330]]))
     settle()
     viewer.layers.selection.active = points
     viewer.reset_view()

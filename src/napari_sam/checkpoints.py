@@ -144,7 +144,7 @@ register_weights(
 
 # The project's own small model, trained from scratch on synthetic microscopy-like images
 # (scripts/train_small_model.py); shipped in the package, so it works offline.
-SMALL_MODEL_HASH = "xxh128:00000000000000000000000000000000"
+SMALL_MODEL_HASH = "xxh128:b641f7b44c953f6fefed93c08d0372fd"
 register_weights(
     KnownWeights(
         "vit_small", "vit_small", SMALL_MODEL_FILE.name, "", SMALL_MODEL_HASH,

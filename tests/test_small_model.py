@@ -1,0 +1,82 @@
+"""The small model shipped in the package (``vit_small``): present, offline, and useful.
+
+It was trained by ``scripts/train_small_model.py``; quality figures come from
+``benchmarks/eval_small_model.py`` (see the README). These tests check what a fresh
+offline install relies on.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pooch
+import pytest
+from skimage.draw import ellipse
+
+from napari_sam import SamPredictor, checkpoints
+from napari_sam.build import MODEL_CONFIGS, detect_model_type, read_state_dict
+from napari_sam.checkpoints import CACHE_DIR_ENV, MIRROR_ENV, SMALL_MODEL_FILE, build_sam, default_model_type
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """An empty cache folder, a mirror that does not exist, and no network connections."""
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(MIRROR_ENV, "http://127.0.0.1:9/nowhere")
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return tmp_path / "cache"
+
+
+def test_bundled_file_is_small_and_has_its_known_hash():
+    assert SMALL_MODEL_FILE.is_file(), "run scripts/train_small_model.py to create the bundled weights"
+    assert SMALL_MODEL_FILE.stat().st_size <= 25 * 2**20
+    entry = checkpoints.known_weights("vit_small")
+    assert entry.bundled == SMALL_MODEL_FILE
+    assert entry.known_hash == "xxh128:" + pooch.file_hash(str(SMALL_MODEL_FILE), alg="xxh128")
+    assert detect_model_type(read_state_dict(SMALL_MODEL_FILE)) == "vit_small"
+
+
+def test_loads_offline_and_segments_a_blob_from_one_point(offline):
+    model = build_sam("vit_small", device="cpu")
+    assert model.image_encoder.img_size == MODEL_CONFIGS["vit_small"].img_size
+    assert not offline.exists() or not any(offline.iterdir())  # nothing downloaded or copied
+    rng = np.random.default_rng(0)
+    image = rng.normal(30, 6, (240, 320)).clip(0, 255)
+    truth = np.zeros(image.shape, bool)
+    truth[ellipse(120, 150, 40, 60, shape=image.shape, rotation=0.4)] = True
+    image[truth] += 120
+    predictor = SamPredictor(model)
+    predictor.set_image(image.astype(np.uint8))
+    masks, scores, _ = predictor.predict(np.array([[150.0, 120.0]]), np.array([1]), multimask_output=True)
+    ious = [(m & truth).sum() / (m | truth).sum() for m in masks]
+    assert max(ious) >= 0.8, ious
+
+
+def test_default_model_is_the_bundled_one_until_official_weights_are_cached(offline):
+    assert default_model_type() == "vit_small"
+    offline.mkdir(parents=True)
+    (offline / checkpoints.KNOWN_WEIGHTS["vit_b"].filename).write_bytes(b"placeholder")
+    assert default_model_type() == "vit_b"
+
+
+def test_amg_cli_without_checkpoint_uses_the_bundled_model_offline(offline, tmp_path, capsys):
+    from PIL import Image
+
+    from napari_sam.cli import main
+
+    rng = np.random.default_rng(1)
+    image = rng.normal(40, 5, (128, 160)).clip(0, 255)
+    for cy, cx in [(40, 40), (90, 110)]:
+        image[ellipse(cy, cx, 18, 22, shape=image.shape)] += 150
+    Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(tmp_path / "blobs.png")
+    status = main(["--input", str(tmp_path / "blobs.png"), "--output", str(tmp_path / "out"), "--device", "cpu",
+                   "--points-per-side", "8"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert "vit_small" in captured.out and str(SMALL_MODEL_FILE) in captured.out
+    assert len(list((tmp_path / "out" / "blobs").glob("*.png"))) >= 1
