@@ -119,12 +119,13 @@ def test_rle_json_and_failing_image(inputs, checkpoint, tmp_path, capsys):
 def test_without_checkpoint_known_weights_are_fetched_and_offline_error_is_clear(
     inputs, tmp_path, capsys, monkeypatch
 ):
-    """No --checkpoint: the known vit_b weights come from the cache folder; offline (a mirror
-    on a closed local port) the error names the file and the folder for a manual download."""
+    """--model-type vit_b without --checkpoint: the known weights come from the cache folder;
+    offline (a mirror on a closed local port) the error names the file and the folder for a
+    manual download. (Without --model-type the bundled vit_small is used: test_small_model.)"""
     cache = tmp_path / "cache"
     monkeypatch.setenv("NAPARI_SAM_CACHE_DIR", str(cache))
     monkeypatch.setenv("NAPARI_SAM_MIRROR", "http://127.0.0.1:9")
-    status = main(["--input", str(inputs / "photo.jpg"), "--output", str(tmp_path / "o")])
+    status = main(["--input", str(inputs / "photo.jpg"), "--output", str(tmp_path / "o"), "--model-type", "vit_b"])
     err = capsys.readouterr().err
     assert status == 2
     assert "sam_vit_b_01ec64.pth" in err and str(cache) in err

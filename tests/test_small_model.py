@@ -48,7 +48,7 @@ def test_loads_offline_and_segments_a_blob_from_one_point(offline):
     rng = np.random.default_rng(0)
     image = rng.normal(30, 6, (240, 320)).clip(0, 255)
     truth = np.zeros(image.shape, bool)
-    truth[ellipse(120, 150, 40, 60, shape=image.shape, rotation=0.4)] = True
+    truth[ellipse(120, 150, 25, 35, shape=image.shape, rotation=0.4)] = True  # nucleus-sized
     image[truth] += 120
     predictor = SamPredictor(model)
     predictor.set_image(image.astype(np.uint8))
@@ -74,8 +74,9 @@ def test_amg_cli_without_checkpoint_uses_the_bundled_model_offline(offline, tmp_
     for cy, cx in [(40, 40), (90, 110)]:
         image[ellipse(cy, cx, 18, 22, shape=image.shape)] += 150
     Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(tmp_path / "blobs.png")
+    # Relaxed thresholds: the small model's predicted IoUs are below the default 0.88 (README).
     status = main(["--input", str(tmp_path / "blobs.png"), "--output", str(tmp_path / "out"), "--device", "cpu",
-                   "--points-per-side", "8"])
+                   "--points-per-side", "8", "--pred-iou-thresh", "0.3", "--stability-score-thresh", "0.5"])
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert "vit_small" in captured.out and str(SMALL_MODEL_FILE) in captured.out
