@@ -94,6 +94,12 @@ def make_random_checkpoint(model_type: str, path: os.PathLike, seed: int = 0) ->
 
 
 @pytest.fixture(scope="session")
+def reference_builder():
+    """:func:`reference_sam` for test modules (``from conftest import`` is ambiguous with tests/gui/conftest.py)."""
+    return reference_sam
+
+
+@pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory):
     """Return a function model_type -> path of a cached random-weight checkpoint."""
     cache: dict[str, Path] = {}

@@ -17,9 +17,7 @@ segment_anything = pytest.importorskip("segment_anything")
 MODEL_TYPES = ["vit_test", "vit_small", pytest.param("vit_b", marks=pytest.mark.slow)]
 
 
-def build_reference(model_type: str, checkpoint):
-    from conftest import reference_sam
-
+def build_reference(model_type: str, checkpoint, reference_sam):
     from napari_sam.build import MODEL_CONFIGS
 
     if model_type in segment_anything.sam_model_registry:
@@ -30,9 +28,10 @@ def build_reference(model_type: str, checkpoint):
 
 
 @pytest.fixture(scope="module", params=MODEL_TYPES)
-def models(request, checkpoint_factory):
+def models(request, checkpoint_factory, reference_builder):
     checkpoint = checkpoint_factory(request.param)
-    return build_reference(request.param, checkpoint), sam_model_registry[request.param](checkpoint=checkpoint)
+    reference = build_reference(request.param, checkpoint, reference_builder)
+    return reference, sam_model_registry[request.param](checkpoint=checkpoint)
 
 
 @pytest.fixture(scope="module", params=["truck", "groceries"])
