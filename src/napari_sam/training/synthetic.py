@@ -17,9 +17,8 @@ optical blur, Gaussian or Poisson-like noise, 8- or 16-bit integers or float32, 
 or colour (a fluorescence composite or a colour per object).
 
 The label image is HxW int32: 0 is background, objects are numbered 1..N in drawing
-order. Objects smaller than ``min_area`` pixels after occlusion are removed from the labels
-(and painted over by the background would be wrong, so they simply stay as clutter that is
-not labelled: a prompt never targets them).
+order. Objects smaller than ``min_area`` pixels after occlusion get no label: they stay in
+the image as unlabelled clutter, and no prompt targets them.
 
 The held-out evaluation set (:func:`heldout_set`) uses only the shapes the quality targets
 name (star-convex polygons, crescents, ellipses), touching objects and varied contrast,
@@ -156,6 +155,24 @@ def _finish_labels(labels: np.ndarray, min_area: int) -> np.ndarray:
     return lookup[labels]
 
 
+def _label_edges(labels: np.ndarray, between_objects: bool = False) -> np.ndarray:
+    """HxW bool: pixels with a 4-neighbour of another label (both objects when
+    ``between_objects``, i.e. where two objects touch, not object against background)."""
+    edges = np.zeros(labels.shape, bool)
+    inside = labels > 0
+    for axis in (0, 1):
+        first = [slice(None)] * 2
+        second = [slice(None)] * 2
+        first[axis], second[axis] = slice(None, -1), slice(1, None)
+        first, second = tuple(first), tuple(second)
+        differ = labels[first] != labels[second]
+        if between_objects:
+            differ &= inside[first] & inside[second]
+        edges[first] |= differ
+        edges[second] |= differ
+    return edges
+
+
 def _render(
     rng: np.random.Generator, labels: np.ndarray, kind: str, contrast: tuple[float, float], colour: bool,
 ) -> np.ndarray:
@@ -192,11 +209,7 @@ def _render(
     # soft edges and a dim seam where objects touch
     inside = labels > 0
     edge = ndimage.gaussian_filter(inside.astype(np.float32), rng.uniform(0.3, 1.2))
-    seam = np.zeros(labels.shape, bool)
-    seam[:-1] |= (labels[:-1] != labels[1:]) & inside[:-1] & inside[1:]
-    seam[1:] |= (labels[:-1] != labels[1:]) & inside[:-1] & inside[1:]
-    seam[:, :-1] |= (labels[:, :-1] != labels[:, 1:]) & inside[:, :-1] & inside[:, 1:]
-    seam[:, 1:] |= (labels[:, :-1] != labels[:, 1:]) & inside[:, :-1] & inside[:, 1:]
+    seam = _label_edges(labels, between_objects=True)
     levels = np.where(seam, levels * rng.uniform(0.3, 0.8), levels)
     levels = ndimage.gaussian_filter(levels, rng.uniform(0.3, 1.0)) * np.maximum(edge, inside)
     if colour:
@@ -217,11 +230,7 @@ def _render_phase(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
     texture = _smooth_noise(rng, labels.shape, rng.uniform(3, 15)) * rng.uniform(0.01, 0.04)
     image = 0.5 + texture + inside * rng.uniform(-0.06, 0.06)
     image += inside * _smooth_noise(rng, labels.shape, rng.uniform(0.7, 2.0)) * rng.uniform(0.01, 0.05)
-    rim = np.zeros(labels.shape, bool)
-    rim[:-1] |= labels[:-1] != labels[1:]
-    rim[1:] |= labels[:-1] != labels[1:]
-    rim[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-    rim[:, 1:] |= labels[:, :-1] != labels[:, 1:]
+    rim = _label_edges(labels)
     image -= (rim & inside) * rng.uniform(0.1, 0.3)
     halo_width = rng.uniform(1.5, 4.0)
     outside_distance = ndimage.distance_transform_edt(~inside)
