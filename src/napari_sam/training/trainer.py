@@ -195,6 +195,12 @@ class StepResult:
 
 
 def autocast(model: Sam, precision: str) -> contextlib.AbstractContextManager:
+    """Context for the forward pass: nothing for "fp32", bfloat16 autocast on the model's
+    device type for "bf16" (weights and optimizer state stay float32).
+
+    Raises:
+        ValueError: another precision name.
+    """
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "bf16":
