@@ -88,15 +88,29 @@ class TrainingData(Protocol):
 
 @dataclass
 class SyntheticData:
-    """Endless synthetic images (:func:`~napari_sam.training.synthetic.synthetic_image`)."""
+    """Endless synthetic images (:func:`~napari_sam.training.synthetic.synthetic_image`).
+
+    Attributes:
+        seed: seed of the stream; image ``i`` of step ``s`` depends only on (seed, s, i).
+        kind: draw only this kind (see :mod:`~napari_sam.training.synthetic`).
+        kind_weights: relative frequency of each kind, e.g. ``{"shapes": 2, "nuclei": 1,
+            "cells": 1}``; default (and with ``kind``): the generator's own uniform choice.
+    """
 
     seed: int = 0
     kind: Optional[str] = None
+    kind_weights: Optional[dict[str, float]] = None
 
     def batch(self, step: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
         out = []
         for i in range(count):
-            sample = synthetic_image(np.random.default_rng([self.seed, step, i]), kind=self.kind)
+            kind = self.kind
+            if kind is None and self.kind_weights:
+                names = sorted(self.kind_weights)
+                weights = np.array([self.kind_weights[n] for n in names], dtype=float)
+                chooser = np.random.default_rng([self.seed, step, i, 1])
+                kind = names[int(chooser.choice(len(names), p=weights / weights.sum()))]
+            sample = synthetic_image(np.random.default_rng([self.seed, step, i]), kind=kind)
             out.append((sample.image, sample.labels))
         return out
 
