@@ -144,7 +144,7 @@ register_weights(
 
 # The project's own small model, trained from scratch on synthetic microscopy-like images
 # (scripts/train_small_model.py); shipped in the package, so it works offline.
-SMALL_MODEL_HASH = "xxh128:b641f7b44c953f6fefed93c08d0372fd"
+SMALL_MODEL_HASH = "xxh128:8e13d42b2d7215184286282af6f4e99a"
 register_weights(
     KnownWeights(
         "vit_small", "vit_small", SMALL_MODEL_FILE.name, "", SMALL_MODEL_HASH,
@@ -152,6 +152,24 @@ register_weights(
         bundled=SMALL_MODEL_FILE,
     )
 )
+
+# Automatic-mask thresholds for the bundled model. Its predicted IoUs and stability scores
+# run lower than the official models', so the reference's defaults (0.88, 0.95) keep no
+# mask at all. Chosen as the best F1 of recall and precision over a grid, on held-out
+# synthetic images (`python benchmarks/eval_small_model.py --sweep-amg 10`).
+SMALL_MODEL_AMG_THRESHOLDS = {"pred_iou_thresh": 0.45, "stability_score_thresh": 0.8}
+
+
+def recommended_amg_thresholds(model_type: str) -> dict[str, float]:
+    """Thresholds to use instead of the reference's defaults for a model type.
+
+    Returns:
+        ``{"pred_iou_thresh": ..., "stability_score_thresh": ...}`` for ``"vit_small"``
+        (:data:`SMALL_MODEL_AMG_THRESHOLDS`); an empty dict, i.e. the reference's defaults,
+        for the official model types.
+    """
+    return dict(SMALL_MODEL_AMG_THRESHOLDS) if model_type == "vit_small" else {}
+
 
 # Types tried, in order, by default_model_type: the first whose weights are cached wins.
 DEFAULT_MODEL_PREFERENCE = ("vit_b", "vit_l", "vit_h")

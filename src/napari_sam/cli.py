@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="fp32 (the reference's results), bf16 (faster, CPU or GPU) or fp16 (GPU).")
     parser.add_argument("--overwrite", action="store_true", help="Replace outputs that already exist.")
-    group = parser.add_argument_group("AMG settings (default: the generator's defaults)")
+    group = parser.add_argument_group(
+        "AMG settings (default: the generator's defaults; for vit_small, lower pred-iou and stability thresholds)"
+    )
     for flag, _, kind, text in AMG_FLAGS:
         group.add_argument(flag, type=kind, default=None, help=text)
     return parser
@@ -234,6 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from .automatic_mask_generator import SamAutomaticMaskGenerator
     from .build import sam_model_registry
+    from .checkpoints import recommended_amg_thresholds
 
     if model_type not in sam_model_registry:
         print(f"napari-sam-amg: error: unknown --model-type {model_type!r}; "
@@ -244,7 +247,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         sam = sam_model_registry[model_type](checkpoint=checkpoint)
         sam.to(device=device)
-        amg_kwargs = {key: getattr(args, key) for _, key, _, _ in AMG_FLAGS if getattr(args, key) is not None}
+        given = {key: getattr(args, key) for _, key, _, _ in AMG_FLAGS if getattr(args, key) is not None}
+        model_thresholds = {k: v for k, v in recommended_amg_thresholds(model_type).items() if k not in given}
+        if model_thresholds:
+            print(f"Thresholds for {model_type}: " + ", ".join(f"{k} {v}" for k, v in model_thresholds.items())
+                  + " (the reference's defaults keep no mask of this model; flags override).")
+        amg_kwargs = {**model_thresholds, **given}
         generator = SamAutomaticMaskGenerator(
             sam, output_mode="coco_rle" if rle else "binary_mask", precision=args.precision, **amg_kwargs
         )

@@ -36,6 +36,19 @@ def test_settings_have_reference_defaults_and_tooltips(widget):
     assert widget._settings["crop_overlap_ratio"].value == pytest.approx(512 / 1500, abs=0.01)
 
 
+def test_thresholds_follow_the_model(widget):
+    from napari_sam.checkpoints import SMALL_MODEL_AMG_THRESHOLDS
+
+    _, widget = widget
+    widget._model.value = "vit_small"  # the bundled model: its own, lower thresholds
+    for name, value in SMALL_MODEL_AMG_THRESHOLDS.items():
+        assert widget.settings()[name] == pytest.approx(value)
+    assert SMALL_MODEL_AMG_THRESHOLDS["pred_iou_thresh"] < 0.88
+    widget._model.value = "vit_b"  # an official model: the reference's defaults again
+    assert widget.settings()["pred_iou_thresh"] == pytest.approx(0.88)
+    assert widget.settings()["stability_score_thresh"] == pytest.approx(0.95)
+
+
 def run_and_wait(widget, qtbot, **settings):
     for name, value in settings.items():
         widget._settings[name].value = value

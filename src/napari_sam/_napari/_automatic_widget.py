@@ -1,8 +1,8 @@
 """The "Automatic segmentation" widget: SAM's automatic mask generator on napari image layers.
 
 Thin Qt layer over :mod:`napari_sam.interactive.automatic`: the settings (every AMG option,
-with the reference's defaults and a tooltip each), a Run and a Cancel button and a progress
-bar. The work runs in a napari ``thread_worker`` that yields after every point batch, so the
+with the reference's defaults, except the thresholds of the bundled vit_small, and a
+tooltip each), a Run and a Cancel button and a progress bar. The work runs in a napari ``thread_worker`` that yields after every point batch, so the
 GUI stays responsive and Cancel stops between batches. The result is one Labels layer
 ("<image> automatic", aligned with the image) with one id per mask and a features table.
 """
@@ -18,7 +18,7 @@ from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 
-from ..checkpoints import default_model_type
+from ..checkpoints import default_model_type, recommended_amg_thresholds
 from ..interactive.automatic import AMG_SETTINGS, AutomaticResult, all_slices, automatic_steps, write_slice
 from ..interactive.engine import ModelSpec, display_rgb, load_model
 from ._layers import current_slice, image_array, spatial_shape, transform_kwargs
@@ -64,11 +64,21 @@ class AutomaticSegmentationWidget(Container):
                      self._all_slices, self._run, self._cancel, self._progress, self._status])
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
+        self._model.changed.connect(self._apply_model_thresholds)
+        self._apply_model_thresholds(self._model.value)
         self._viewer.layers.events.inserted.connect(self._image.reset_choices)
         self._viewer.layers.events.removed.connect(self._image.reset_choices)
         self._worker: Any = None
         self._model_cache: dict[ModelSpec, Any] = {}
         self.result_layer: Optional[Labels] = None
+
+    def _apply_model_thresholds(self, model_type: str) -> None:
+        """Set the predicted-IoU and stability thresholds for ``model_type``: the bundled
+        vit_small's own (see ``recommended_amg_thresholds``), the reference's defaults otherwise."""
+        defaults = {name: default for name, default, _ in AMG_SETTINGS}
+        for name, value in {**defaults, **recommended_amg_thresholds(model_type)}.items():
+            if name in ("pred_iou_thresh", "stability_score_thresh"):
+                self._settings[name].value = value
 
     def _image_choices(self, *_: Any) -> list[Image]:
         return [layer for layer in self._viewer.layers if isinstance(layer, Image)]
