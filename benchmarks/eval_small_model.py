@@ -6,9 +6,10 @@ Two test sets:
   polygons, crescents and ellipses, touching objects, varied contrast; seeds the training
   stream never draws), 256x256;
 * scikit-image's ``coins`` photograph, with a ground truth from a classical pipeline
-  (scikit-image's "Comparing edge-based and region-based segmentation" example): Sobel
-  elevation map, markers below 30 (background) and above 150 (coins), watershed, hole
-  filling, connected components; components under 100 pixels are dropped.
+  (``napari_sam.training.evaluation.coins_ground_truth``, after scikit-image's "Comparing
+  edge-based and region-based segmentation" example): Sobel elevation map, markers below
+  30 (background) and above 150 (coins), watershed, hole filling, connected components;
+  components under 100 pixels are dropped.
 
 Prompts, per ground-truth object:
 
@@ -47,6 +48,7 @@ from scipy import ndimage
 
 from napari_sam import SamAutomaticMaskGenerator, SamPredictor
 from napari_sam.checkpoints import SMALL_MODEL_AMG_THRESHOLDS, build_sam
+from napari_sam.training.evaluation import coins_ground_truth
 
 DISK_RADII = (3, 5, 8, 12, 16, 20, 24, 28, 32)
 MIN_OBJECT_AREA = 25
@@ -59,26 +61,6 @@ AMG_SETTINGS = {
 }
 SWEEP_IOU = (0.3, 0.45, 0.6, 0.75)
 SWEEP_STABILITY = (0.5, 0.65, 0.8, 0.9)
-
-
-def coins_ground_truth() -> tuple[np.ndarray, np.ndarray]:
-    """(coins image HxW uint8, instance labels HxW int32) from the classical pipeline above."""
-    from skimage import data
-    from skimage.filters import sobel
-    from skimage.segmentation import watershed
-
-    coins = data.coins()
-    markers = np.zeros_like(coins, dtype=np.int32)
-    markers[coins < 30] = 1
-    markers[coins > 150] = 2
-    foreground = watershed(sobel(coins), markers) == 2
-    foreground = ndimage.binary_fill_holes(foreground)
-    labels, _ = ndimage.label(foreground)
-    areas = np.bincount(labels.ravel())
-    small = np.flatnonzero(areas < 100)
-    labels[np.isin(labels, small)] = 0
-    relabelled, _ = ndimage.label(labels > 0)
-    return coins, relabelled.astype(np.int32)
 
 
 def prompt_point(mask: np.ndarray) -> tuple[float, float]:

@@ -18,6 +18,7 @@ from napari_sam import SamPredictor, checkpoints
 from napari_sam.build import MODEL_CONFIGS, detect_model_type, read_state_dict
 from napari_sam.checkpoints import CACHE_DIR_ENV, MIRROR_ENV, SMALL_MODEL_FILE, build_sam, default_model_type
 from napari_sam.cli import main as main_amg
+from napari_sam.training.evaluation import coins_ground_truth
 
 
 @pytest.fixture
@@ -65,20 +66,6 @@ def test_default_model_is_the_bundled_one_until_official_weights_are_cached(offl
     assert default_model_type() == "vit_b"
 
 
-def coins_ground_truth() -> np.ndarray:
-    """Instance labels of scikit-image's coins: Sobel elevation map, marker watershed
-    (markers below 30 and above 150), hole filling, components of 100 px or more (the
-    pipeline of benchmarks/eval_small_model.py)."""
-    from scipy import ndimage
-    from skimage import data, filters, measure, morphology, segmentation
-
-    coins = data.coins()
-    markers = np.zeros(coins.shape, np.int32)
-    markers[coins < 30], markers[coins > 150] = 1, 2
-    foreground = ndimage.binary_fill_holes(segmentation.watershed(filters.sobel(coins), markers) == 2)
-    return measure.label(morphology.remove_small_objects(foreground, 100))
-
-
 def test_amg_cli_without_checkpoint_uses_the_bundled_model_offline(offline, tmp_path, capsys):
     from skimage import data, io
 
@@ -92,7 +79,7 @@ def test_amg_cli_without_checkpoint_uses_the_bundled_model_offline(offline, tmp_
     assert "vit_small" in captured.out and str(SMALL_MODEL_FILE) in captured.out
     assert "Thresholds for vit_small: pred_iou_thresh 0.45" in captured.out
     masks = [io.imread(p) > 0 for p in sorted((tmp_path / "out" / "coins").glob("*.png"))]
-    truth = coins_ground_truth()
+    _, truth = coins_ground_truth()
     found = 0
     for index in range(1, truth.max() + 1):
         coin = truth == index

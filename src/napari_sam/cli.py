@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fp32 (the reference's results), bf16 (faster, CPU or GPU) or fp16 (GPU).")
     parser.add_argument("--overwrite", action="store_true", help="Replace outputs that already exist.")
     group = parser.add_argument_group(
-        "AMG settings (default: the generator's defaults; for vit_small, lower pred-iou and stability thresholds)"
+        "AMG settings (default: the generator's defaults; for vit_small, "
+        "its own lower --pred-iou-thresh and --stability-score-thresh)"
     )
     for flag, _, kind, text in AMG_FLAGS:
         group.add_argument(flag, type=kind, default=None, help=text)

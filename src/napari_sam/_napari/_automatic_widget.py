@@ -2,8 +2,9 @@
 
 Thin Qt layer over :mod:`napari_sam.interactive.automatic`: the settings (every AMG option,
 with the reference's defaults, except the thresholds of the bundled vit_small, and a
-tooltip each), a Run and a Cancel button and a progress bar. The work runs in a napari ``thread_worker`` that yields after every point batch, so the
-GUI stays responsive and Cancel stops between batches. The result is one Labels layer
+tooltip each), a Run and a Cancel button and a progress bar. The work runs in a napari
+``thread_worker`` that yields after every point batch, so the GUI stays responsive and
+Cancel stops between batches. The result is one Labels layer
 ("<image> automatic", aligned with the image) with one id per mask and a features table.
 """
 
@@ -75,10 +76,11 @@ class AutomaticSegmentationWidget(Container):
     def _apply_model_thresholds(self, model_type: str) -> None:
         """Set the predicted-IoU and stability thresholds for ``model_type``: the bundled
         vit_small's own (see ``recommended_amg_thresholds``), the reference's defaults otherwise."""
-        defaults = {name: default for name, default, _ in AMG_SETTINGS}
-        for name, value in {**defaults, **recommended_amg_thresholds(model_type)}.items():
-            if name in ("pred_iou_thresh", "stability_score_thresh"):
-                self._settings[name].value = value
+        thresholds = {name: default for name, default, _ in AMG_SETTINGS
+                      if name in ("pred_iou_thresh", "stability_score_thresh")}
+        thresholds.update(recommended_amg_thresholds(model_type))
+        for name, value in thresholds.items():
+            self._settings[name].value = value
 
     def _image_choices(self, *_: Any) -> list[Image]:
         return [layer for layer in self._viewer.layers if isinstance(layer, Image)]
