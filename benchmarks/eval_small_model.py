@@ -59,6 +59,7 @@ AMG_SETTINGS = {
     # set; what the CLI and the widget use for vit_small
     "tuned": {"points_per_side": 32, **SMALL_MODEL_AMG_THRESHOLDS},
 }
+SIZE_BINS = (25, 300, 1000, 3000, 10**6)  # object areas (px) of the per-size means
 SWEEP_IOU = (0.3, 0.45, 0.6, 0.75)
 SWEEP_STABILITY = (0.5, 0.65, 0.8, 0.9)
 
@@ -89,13 +90,14 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 def evaluate_image(predictor: SamPredictor, image: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:
     """Per-object IoUs of the model and the baselines on one image."""
     predictor.set_image(image)
-    scores: dict[str, list[float]] = {"point": [], "box": [], "filled box": []}
+    scores: dict[str, list[float]] = {"point": [], "box": [], "filled box": [], "area": []}
     scores.update({f"disk {r}": [] for r in DISK_RADII})
     yy, xx = np.mgrid[0 : labels.shape[0], 0 : labels.shape[1]]
     for index in range(1, int(labels.max()) + 1):
         mask = labels == index
         if mask.sum() < MIN_OBJECT_AREA:
             continue
+        scores["area"].append(float(mask.sum()))
         x, y = prompt_point(mask)
         masks, _, _ = predictor.predict(np.array([[x, y]]), np.array([1]), multimask_output=True)
         scores["point"].append(max(iou(m, mask) for m in masks))
@@ -142,7 +144,16 @@ def sweep_amg_thresholds(model, samples, iou_values, stability_values) -> list[d
 
 
 def summarise(scores: dict[str, list[float]]) -> dict[str, float]:
-    out = {name: float(np.mean(values)) for name, values in scores.items()}
+    """Mean IoU per method, the best disk radius, and point / box mean IoU per object size
+    (keys "point, area a-b px" and "box, area a-b px" for the ``SIZE_BINS``)."""
+    out = {name: float(np.mean(values)) for name, values in scores.items() if name != "area"}
+    area = np.asarray(scores["area"])
+    for low, high in zip(SIZE_BINS[:-1], SIZE_BINS[1:]):
+        inside = (area >= low) & (area < high)
+        for name in ("point", "box"):
+            values = np.asarray(scores[name])[inside]
+            out[f"{name}, area {low}-{high} px"] = float(values.mean()) if len(values) else float("nan")
+        out[f"objects, area {low}-{high} px"] = int(inside.sum())
     best_disk = max((k for k in out if k.startswith("disk")), key=out.get)
     out["best disk"] = out[best_disk]
     out["best disk radius"] = float(best_disk.split()[1])
@@ -216,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['filled box']:.3f} | {r['best disk']:.3f} ({r['best disk radius']:.0f}) | {amg} |"
         )
     print("\nAMG goal: recall >= 0.80 on the synthetic set (objects found at IoU >= 0.5).")
+    print("\nBy object area (synthetic): point / box mean IoU (objects)")
+    for low, high in zip(SIZE_BINS[:-1], SIZE_BINS[1:]):
+        r = results["synthetic"]
+        print(f"  {low}-{high} px: {r[f'point, area {low}-{high} px']:.3f} / {r[f'box, area {low}-{high} px']:.3f} "
+              f"({r[f'objects, area {low}-{high} px']})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, **results}, indent=2))
