@@ -94,7 +94,8 @@ class SyntheticData:
         seed: seed of the stream; image ``i`` of step ``s`` depends only on (seed, s, i).
         kind: draw only this kind (see :mod:`~napari_sam.training.synthetic`).
         kind_weights: relative frequency of each kind, e.g. ``{"shapes": 2, "nuclei": 1,
-            "cells": 1}``; default (and with ``kind``): the generator's own uniform choice.
+            "cells": 1}`` (drawn per image from its own seed); ignored when ``kind`` is
+            given. Default: the generator's own uniform choice among its training kinds.
     """
 
     seed: int = 0
