@@ -1,10 +1,14 @@
 """Quality of a SAM model on data its training never saw, beside trivial baselines.
 
-Two test sets:
+Three test sets:
 
-* synthetic held-out images (``napari_sam.training.synthetic.heldout_set``: star-convex
-  polygons, crescents and ellipses, touching objects, varied contrast; seeds the training
-  stream never draws), 256x256;
+* "synthetic, touching": held-out synthetic images (``napari_sam.training.synthetic.heldout_set``
+  with ``occlusion=False``: star-convex polygons, crescents and ellipses, touching but not
+  overlapping, varied contrast; seeds the training stream never draws), 256x256. This is
+  the set the issue's quality goals describe;
+* "synthetic, overlapping": the same seeds and candidate objects with occlusion (a later
+  object covers an earlier one, so some objects are cut shapes, and objects of the same
+  brightness and texture meet along a faint seam): a harder set, reported beside it;
 * scikit-image's ``coins`` photograph, with a ground truth from a classical pipeline
   (``napari_sam.training.evaluation.coins_ground_truth``, after scikit-image's "Comparing
   edge-based and region-based segmentation" example): Sobel elevation map, markers below
@@ -16,6 +20,9 @@ Prompts, per ground-truth object:
 * point: one positive point at the object's centroid, or, where the centroid is not at
   least 2 px inside the object (crescents), at the object pixel farthest from its
   boundary; the best of the three multimask outputs (by IoU with the ground truth);
+* point + negative: that point and a negative point at the point of the nearest other
+  object (as a user separates touching objects), single output; not a goal of the issue,
+  it measures how a negative click elsewhere disturbs the mask;
 * box: the object's tight bounding box (x0, y0, x1, y1 of its extreme pixels), single output.
 
 Baselines: "filled box" (the box itself as the mask) and "disk r" (a disk of radius r px
@@ -90,17 +97,22 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 def evaluate_image(predictor: SamPredictor, image: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:
     """Per-object IoUs of the model and the baselines on one image."""
     predictor.set_image(image)
-    scores: dict[str, list[float]] = {"point": [], "box": [], "filled box": [], "area": []}
+    scores: dict[str, list[float]] = {"point": [], "point + negative": [], "box": [], "filled box": [], "area": []}
     scores.update({f"disk {r}": [] for r in DISK_RADII})
     yy, xx = np.mgrid[0 : labels.shape[0], 0 : labels.shape[1]]
-    for index in range(1, int(labels.max()) + 1):
-        mask = labels == index
-        if mask.sum() < MIN_OBJECT_AREA:
-            continue
+    objects = [labels == index for index in range(1, int(labels.max()) + 1)]
+    objects = [mask for mask in objects if mask.sum() >= MIN_OBJECT_AREA]
+    points = [prompt_point(mask) for mask in objects]
+    for mask, (x, y) in zip(objects, points):
         scores["area"].append(float(mask.sum()))
-        x, y = prompt_point(mask)
         masks, _, _ = predictor.predict(np.array([[x, y]]), np.array([1]), multimask_output=True)
         scores["point"].append(max(iou(m, mask) for m in masks))
+        # a negative click on the nearest other object, as a user separates touching objects
+        others = [p for p in points if p != (x, y)]
+        if others:
+            nearest = min(others, key=lambda p: (p[0] - x) ** 2 + (p[1] - y) ** 2)
+            masks, _, _ = predictor.predict(np.array([[x, y], nearest]), np.array([1, 0]), multimask_output=False)
+            scores["point + negative"].append(iou(masks[0], mask))
         box = tight_box(mask)
         masks, _, _ = predictor.predict(box=box, multimask_output=False)
         scores["box"].append(iou(masks[0], mask))
@@ -173,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: AMG recall and precision over a grid of thresholds on N images of a second "
         "held-out set (seed offset 1, disjoint from the evaluation set), to choose AMG_SETTINGS['tuned']",
     )
+    parser.add_argument(
+        "--validation", action="store_true",
+        help="evaluate on the second held-out set (seed offset 1) instead of the evaluation set: for choosing "
+        "between training variants without looking at the evaluation images",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from napari_sam.training.synthetic import heldout_set
@@ -188,12 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results: dict[str, dict] = {}
 
-    synthetic = heldout_set(max(args.images, args.amg_images))
-    merged: dict[str, list[float]] = {}
-    for sample in synthetic[: args.images]:
-        for name, values in evaluate_image(predictor, sample.image, sample.labels).items():
-            merged.setdefault(name, []).extend(values)
-    results["synthetic"] = summarise(merged)
+    synthetic = {
+        f"synthetic, {name}": heldout_set(max(args.images, args.amg_images), seed=int(args.validation), occlusion=occlusion)
+        for name, occlusion in (("touching", False), ("overlapping", True))
+    }
+    for set_name, samples in synthetic.items():
+        merged: dict[str, list[float]] = {}
+        for sample in samples[: args.images]:
+            for name, values in evaluate_image(predictor, sample.image, sample.labels).items():
+                merged.setdefault(name, []).extend(values)
+        results[set_name] = summarise(merged)
 
     coins, coin_labels = coins_ground_truth()
     results["coins"] = summarise(evaluate_image(predictor, coins, coin_labels))
@@ -202,20 +223,23 @@ def main(argv: list[str] | None = None) -> int:
     # less confident scores need: "relaxed" (a round guess) and "tuned" (chosen with
     # --sweep-amg on images disjoint from these).
     for label, settings in AMG_SETTINGS.items():
-        totals = np.zeros(4, dtype=int)
-        for sample in synthetic[: args.amg_images]:
-            totals += amg_recall(model, sample.image, sample.labels, settings)
-        for name, (found, objects, generated, matched) in (
-            ("synthetic", totals), ("coins", amg_recall(model, coins, coin_labels, settings))
-        ):
+        counts = {}
+        for set_name, samples in synthetic.items():
+            counts[set_name] = np.zeros(4, dtype=int)
+            for sample in samples[: args.amg_images]:
+                counts[set_name] += amg_recall(model, sample.image, sample.labels, settings)
+        counts["coins"] = amg_recall(model, coins, coin_labels, settings)
+        for name, (found, objects, generated, matched) in counts.items():
             results[name][f"amg recall {label}"] = found / max(objects, 1)
             results[name][f"amg precision {label}"] = matched / max(generated, 1)
             results[name][f"amg masks {label}"] = int(generated)
 
-    targets = {"synthetic": {"point": 0.85, "box": 0.90}, "coins": {"point": 0.90, "box": 0.93}}
+    synthetic_goal = {"point": 0.85, "box": 0.90}
+    targets = {**{name: synthetic_goal for name in synthetic}, "coins": {"point": 0.90, "box": 0.93}}
     print(f"\nmodel: {args.checkpoint or 'bundled vit_small'}; {time.perf_counter() - started:.0f} s\n")
-    print(f"| data | objects | point (best of 3) | box | filled box | best disk (r) | AMG recall, {' / '.join(AMG_SETTINGS)} |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| data | objects | point (best of 3) | point + negative | box | filled box | best disk (r) | "
+          f"AMG recall, {' / '.join(AMG_SETTINGS)} |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         t = targets[name]
         amg = " / ".join(
@@ -223,15 +247,17 @@ def main(argv: list[str] | None = None) -> int:
             for k in AMG_SETTINGS
         )
         print(
-            f"| {name} | {r['objects']} | {r['point']:.3f} (goal >= {t['point']}) | {r['box']:.3f} (goal >= {t['box']}) "
+            f"| {name} | {r['objects']} | {r['point']:.3f} (goal >= {t['point']}) | {r['point + negative']:.3f} "
+            f"| {r['box']:.3f} (goal >= {t['box']}) "
             f"| {r['filled box']:.3f} | {r['best disk']:.3f} ({r['best disk radius']:.0f}) | {amg} |"
         )
     print("\nAMG goal: recall >= 0.80 on the synthetic set (objects found at IoU >= 0.5).")
-    print("\nBy object area (synthetic): point / box mean IoU (objects)")
-    for low, high in zip(SIZE_BINS[:-1], SIZE_BINS[1:]):
-        r = results["synthetic"]
-        print(f"  {low}-{high} px: {r[f'point, area {low}-{high} px']:.3f} / {r[f'box, area {low}-{high} px']:.3f} "
-              f"({r[f'objects, area {low}-{high} px']})")
+    for set_name in synthetic:
+        print(f"\nBy object area ({set_name}): point / box mean IoU (objects)")
+        r = results[set_name]
+        for low, high in zip(SIZE_BINS[:-1], SIZE_BINS[1:]):
+            print(f"  {low}-{high} px: {r[f'point, area {low}-{high} px']:.3f} / {r[f'box, area {low}-{high} px']:.3f} "
+                  f"({r[f'objects, area {low}-{high} px']})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, **results}, indent=2))

@@ -26,7 +26,14 @@ from napari_sam.training.prompts import (
     noisy_boxes,
     sample_points_in,
 )
-from napari_sam.training.synthetic import HELDOUT_SEED, heldout_set, synthetic_image
+from napari_sam.training.synthetic import (
+    HELDOUT_SEED,
+    MAX_OVERLAP_WITHOUT_OCCLUSION,
+    _label_edges,
+    _place_objects,
+    heldout_set,
+    synthetic_image,
+)
 from napari_sam.training.trainer import (
     AnnotatedImages,
     SyntheticData,
@@ -213,6 +220,41 @@ def test_training_step_lowers_loss_on_fixed_batch():
     assert history[-1] < 0.7 * history[0], history
 
 
+def test_distractor_negative_point_lies_on_another_object():
+    model = tiny_model().train()
+    prepared = [prepare(model, image, labels) for image, labels in SyntheticData(seed=0).batch(0, 2)]
+    inputs = torch.stack([p[0] for p in prepared])
+    labels = [p[1] for p in prepared]
+    seen = []
+    encode = model.prompt_encoder.forward
+
+    def recording(points, boxes, masks):
+        seen.append(points)
+        return encode(points, boxes, masks)
+
+    model.prompt_encoder.forward = recording
+    first_rounds = {}
+    for probability, expected in ((1.0, [1.0, 0.0]), (0.0, [1.0])):
+        seen.clear()
+        config = TrainConfig(objects_per_image=4, iterations=2, min_object_area=4, distractor_probability=probability)
+        with torch.no_grad():
+            training_step(model, model.image_encoder(inputs), labels, config, torch.Generator().manual_seed(0), "point")
+        assert len(seen) == 2 and seen[1][0].shape[1] == len(expected) + 1  # then one corrective point
+        coords, point_labels = seen[0]  # the first round's prompt
+        assert (point_labels == torch.tensor(expected)).all()
+        first_rounds[probability] = coords
+    # objects are picked per image, in order: the owner of each prompt follows from the counts
+    counts = [min(4, int(((torch.unique(l, return_counts=True)[1][1:]) >= 4).sum())) for l in labels]
+    owners = [b for b, n in enumerate(counts) for _ in range(n)]
+    assert len(owners) == len(first_rounds[1.0]) and len(set(owners)) == 2
+    for b, (positive, negative) in zip(owners, first_rounds[1.0].long().tolist()):
+        target = int(labels[b][positive[1], positive[0]])
+        other = int(labels[b][negative[1], negative[0]])
+        assert target > 0 and other > 0 and other != target
+    # without distractors the positive points are the same draw
+    assert torch.equal(first_rounds[0.0][:, 0], first_rounds[1.0][:, 0])
+
+
 def _parameters(state: dict, prefix: str) -> dict:
     return {k: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -345,6 +387,30 @@ def test_heldout_set_is_deterministic_and_not_in_the_training_stream():
         assert not any(t.shape == held.labels.shape and np.array_equal(t, held.labels) for t in training)
 
 
+def test_occlusion_off_keeps_objects_whole_and_touching():
+    # the same candidates, with and without occlusion: without it every object keeps at
+    # least 90 % of the pixels it was drawn with; with it some objects lose more
+    cut_with, cut_without, touching = 0, 0, 0
+    for seed in range(8):
+        for occlusion in (True, False):
+            labels, objects = _place_objects(
+                np.random.default_rng(seed), (256, 256), "shapes", ("star", "crescent", "ellipse"), 0.4, 25, occlusion
+            )
+            visible = np.bincount(labels.ravel(), minlength=len(objects) + 1)
+            kept = np.array([visible[o["index"]] / o["drawn_area"] for o in objects])
+            if occlusion:
+                cut_with += int((kept < 1 - MAX_OVERLAP_WITHOUT_OCCLUSION).sum())
+            else:
+                cut_without += int((kept < 1 - MAX_OVERLAP_WITHOUT_OCCLUSION).sum())
+                touching += int(_label_edges(labels, between_objects=True).any())
+    assert cut_without == 0
+    assert cut_with > 0
+    assert touching >= 4  # objects still touch in most images
+    # heldout_set(occlusion=False) is built the same way
+    sample = heldout_set(count=1, occlusion=False)[0]
+    assert sample.labels.max() > 0 and sample.labels.shape == (256, 256)
+
+
 def test_synthetic_data_stream_and_kind_weights():
     # the default stream is the generator's own draw from (seed, step, index): the shipped
     # model's first training phase depends on it staying so
@@ -360,6 +426,10 @@ def test_synthetic_data_stream_and_kind_weights():
     again = SyntheticData(seed=4, kind_weights={"shapes": 2.0, "nuclei": 1.0, "cells": 1.0})
     for (a, la), (b, lb) in zip(mixed.batch(3, 3), again.batch(3, 3)):
         assert np.array_equal(a, b) and np.array_equal(la, lb)
+    # occlusion_probability 0: every image is the generator's draw without occlusion
+    image, labels = SyntheticData(seed=4, occlusion_probability=0.0).batch(7, 2)[1]
+    direct = synthetic_image(np.random.default_rng([4, 7, 1]), occlusion=False)
+    assert np.array_equal(image, direct.image) and np.array_equal(labels, direct.labels)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -422,6 +492,12 @@ def test_cli_rejects_bad_label_images(small_checkpoint, tmp_path, capsys):
 
     assert train_cli(base + ["--images", str(tmp_path / "missing.tif"), "--labels", str(labels)]) == 2
     assert "missing.tif" in capsys.readouterr().err
+
+    both = ["--images", str(images), "--labels", str(labels)]
+    assert train_cli(base + both + ["--distractor-probability", "1.5"]) == 2
+    assert "--distractor-probability must be between 0 and 1, got 1.5" in capsys.readouterr().err
+    assert train_cli(["scratch", str(out), "--occlusion-probability", "-0.1"]) == 2
+    assert "--occlusion-probability must be between 0 and 1" in capsys.readouterr().err
     assert not out.exists(), "nothing is written when the inputs are refused"
 
 

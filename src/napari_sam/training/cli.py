@@ -83,6 +83,10 @@ def _add_training_options(parser: argparse.ArgumentParser, *, steps: int, lr: fl
     group.add_argument("--min-object-area", type=int, default=16,
                        help="Objects smaller than this (pixels, in the model's input frame) are not prompted "
                        "(default: 16).")
+    group.add_argument("--distractor-probability", type=float, default=0.0,
+                       help="Chance that a step prompted by points adds a negative point on another object, so "
+                       "that a negative click on a neighbour does not cut the object (not in SAM's recipe; "
+                       "default: 0).")
     run = parser.add_argument_group("run")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     run.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu).")
@@ -110,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"Model type to build: {', '.join(MODEL_TYPES)} (default: vit_small).")
     scratch.add_argument("--kind", choices=("nuclei", "cells", "shapes", "phase"), default=None,
                          help="Only this kind of synthetic image (default: a random mix of nuclei, cells, shapes).")
+    scratch.add_argument("--occlusion-probability", type=float, default=1.0,
+                         help="Chance that a synthetic image's objects may overlap, a later one covering an earlier "
+                         "one; otherwise they only touch (default: 1).")
     _add_training_options(scratch, steps=1000, lr=4e-4, images_per_step=4)
 
     finetune = commands.add_parser(
@@ -289,6 +296,10 @@ def _config(args: argparse.Namespace, decoder_only: bool, augment: bool):
             raise CliError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
     if args.lr <= 0:
         raise CliError(f"--lr must be positive, got {args.lr}.")
+    for name in ("distractor_probability", "occlusion_probability"):
+        value = getattr(args, name, 0.0)
+        if not 0.0 <= value <= 1.0:
+            raise CliError(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}.")
     warmup = args.warmup_steps if args.warmup_steps is not None else min(100, max(1, args.steps // 10))
     if warmup < 1:
         raise CliError(f"--warmup-steps must be at least 1, got {warmup}.")
@@ -297,6 +308,7 @@ def _config(args: argparse.Namespace, decoder_only: bool, augment: bool):
         iterations=args.iterations, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=warmup,
         decoder_only=decoder_only, precision=args.precision, seed=args.seed,
         checkpoint_every=args.checkpoint_every, min_object_area=args.min_object_area, augment=augment,
+        distractor_probability=args.distractor_probability,
     )
 
 
@@ -365,7 +377,7 @@ def _run(args: argparse.Namespace) -> int:
         torch.manual_seed(config.seed)
         model = init_from_scratch(build_sam_from_config(MODEL_CONFIGS[args.model_type]), seed=config.seed)
         model.to(device)
-        data = SyntheticData(seed=config.seed, kind=args.kind)
+        data = SyntheticData(seed=config.seed, kind=args.kind, occlusion_probability=args.occlusion_probability)
         what = f"{args.model_type} from scratch on synthetic images"
     else:
         try:

@@ -20,10 +20,10 @@ The label image is HxW int32: 0 is background, objects are numbered 1..N in draw
 order. Objects smaller than ``min_area`` pixels after occlusion get no label: they stay in
 the image as unlabelled clutter, and no prompt targets them.
 
-The held-out evaluation set (:func:`heldout_set`) uses only the shapes the quality targets
+The held-out evaluation sets (:func:`heldout_set`) use only the shapes the quality targets
 name (star-convex polygons, crescents, ellipses), touching objects and varied contrast,
 with seeds the training stream never draws (training seeds are non-negative, held-out
-seeds start at 10**9).
+seeds start at 10**9); with ``occlusion=False`` objects touch without overlapping.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ KINDS = ("nuclei", "cells", "shapes")  # what the training stream draws from
 # background, a dark rim and a bright halo), used to check fine-tuning on a new kind.
 EXTRA_KINDS = ("phase",)
 HELDOUT_SEED = 10**9
+# Without occlusion, a candidate object overlapping earlier ones by more than this fraction
+# of its area is dropped (smaller overlaps are cut from it, so the objects touch).
+MAX_OVERLAP_WITHOUT_OCCLUSION = 0.1
 
 
 @dataclass
@@ -103,8 +106,16 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float
 # --------------------------------------------------------------------------- drawing
 def _place_objects(
     rng: np.random.Generator, shape: tuple[int, int], kind: str, shape_names: tuple[str, ...],
-    touching: float, min_area: int,
+    touching: float, min_area: int, occlusion: bool = True,
 ) -> tuple[np.ndarray, list[dict]]:
+    """Draw objects one after another into a label image.
+
+    With ``occlusion`` a later object covers an earlier one where they overlap. Without it
+    a new object that would cover more than ``MAX_OVERLAP_WITHOUT_OCCLUSION`` of its own
+    area of earlier objects is not drawn, and a smaller overlap stays with the earlier
+    object: the objects touch and keep (almost) their whole outline. The random draws are
+    the same either way, so the two modes place the same candidates.
+    """
     height, width = shape
     labels = np.zeros(shape, np.int32)
     objects: list[dict] = []
@@ -136,11 +147,17 @@ def _place_objects(
             continue
         yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
         mask = SHAPES[name](rng, yy - y, xx - x, radius)
-        if mask.sum() < min_area:
+        drawn = int(mask.sum())
+        if drawn < min_area:
             continue
+        if not occlusion:
+            taken = labels[y0:y1, x0:x1] > 0
+            if (mask & taken).sum() > MAX_OVERLAP_WITHOUT_OCCLUSION * drawn:
+                continue
+            mask &= ~taken
         index = len(objects) + 1
         labels[y0:y1, x0:x1][mask] = index
-        objects.append({"index": index, "shape": name, "radius": radius})
+        objects.append({"index": index, "shape": name, "radius": radius, "drawn_area": drawn})
         centers.append((y, x, radius))
     return labels, objects
 
@@ -264,7 +281,7 @@ def _degrade_and_encode(rng: np.random.Generator, image: np.ndarray) -> np.ndarr
 
 def synthetic_image(
     rng: np.random.Generator, shape: Optional[tuple[int, int]] = None, kind: Optional[str] = None,
-    shapes: Optional[tuple[str, ...]] = None, min_area: int = 25,
+    shapes: Optional[tuple[str, ...]] = None, min_area: int = 25, occlusion: bool = True,
 ) -> SyntheticImage:
     """Draw one synthetic image with its instance labels.
 
@@ -275,6 +292,9 @@ def synthetic_image(
         shapes: shape names to draw from (default by kind); any of "ellipse", "star",
             "crescent", "blob".
         min_area: smallest visible object area in pixels that gets a label.
+        occlusion: objects may overlap, a later one covering an earlier one (its label is
+            what stays visible); when False, objects touch but do not overlap (see
+            ``MAX_OVERLAP_WITHOUT_OCCLUSION``), so every object keeps its drawn shape.
 
     Returns:
         A :class:`SyntheticImage`.
@@ -291,7 +311,9 @@ def synthetic_image(
             kind, tuple(SHAPES)
         )
     touching = {"nuclei": 0.5, "cells": 0.8, "phase": 0.5}.get(kind, 0.4)
-    labels, _ = _place_objects(rng, shape, "cells" if kind == "phase" else kind, tuple(shapes), touching, min_area)
+    labels, _ = _place_objects(
+        rng, shape, "cells" if kind == "phase" else kind, tuple(shapes), touching, min_area, occlusion
+    )
     labels = _finish_labels(labels, min_area)
     if kind == "phase":
         image = _render_phase(rng, labels)
@@ -301,13 +323,17 @@ def synthetic_image(
     return SyntheticImage(_degrade_and_encode(rng, image), labels, kind)
 
 
-def heldout_set(count: int = 50, seed: int = 0) -> list[SyntheticImage]:
+def heldout_set(count: int = 50, seed: int = 0, occlusion: bool = True) -> list[SyntheticImage]:
     """Held-out evaluation images: star-convex polygons, crescents and ellipses only,
     touching objects, varied contrast; seeds disjoint from any training seed.
 
     Args:
         count: number of images.
         seed: offset added to ``HELDOUT_SEED`` (different offsets give different sets).
+        occlusion: True: objects also overlap, a later one covering an earlier one, so some
+            visible parts are cut shapes (the harder set); False: objects touch without
+            overlapping and keep their drawn shapes (the set the issue's quality goals
+            describe). Both use the same seeds and the same candidate objects.
 
     Returns:
         ``count`` :class:`SyntheticImage` of kind "shapes", each 256x256.
@@ -315,5 +341,7 @@ def heldout_set(count: int = 50, seed: int = 0) -> list[SyntheticImage]:
     out = []
     for i in range(count):
         rng = np.random.default_rng(HELDOUT_SEED + seed * 100_003 + i)
-        out.append(synthetic_image(rng, shape=(256, 256), kind="shapes", shapes=("star", "crescent", "ellipse")))
+        out.append(synthetic_image(
+            rng, shape=(256, 256), kind="shapes", shapes=("star", "crescent", "ellipse"), occlusion=occlusion,
+        ))
     return out

@@ -63,6 +63,11 @@ class TrainConfig:
         checkpoint_every: steps between resumable training states.
         min_object_area: objects smaller than this (pixels, in the input frame) are not prompted.
         augment: random flips and 90-degree rotations of annotated images.
+        distractor_probability: chance that a step whose first prompt is a point adds a
+            second, negative point on another object of the image (on the background where
+            the image has no other object). Not in SAM's recipe, whose negative points come
+            only from the error region: it teaches the model that a negative click on a
+            neighbour does not cut the object. 0 draws nothing (the recipe's stream).
     """
 
     steps: int = 1000
@@ -78,6 +83,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     min_object_area: int = 16
     augment: bool = True
+    distractor_probability: float = 0.0
 
 
 class TrainingData(Protocol):
@@ -96,11 +102,16 @@ class SyntheticData:
         kind_weights: relative frequency of each kind, e.g. ``{"shapes": 2, "nuclei": 1,
             "cells": 1}`` (drawn per image from its own seed); ignored when ``kind`` is
             given. Default: the generator's own uniform choice among its training kinds.
+        occlusion_probability: chance that an image's objects may overlap (a later one
+            covering an earlier one); otherwise they only touch (``synthetic_image(...,
+            occlusion=False)``). Drawn per image from its own seed; at 1.0 (the default)
+            nothing is drawn, so the stream is the one from before this option existed.
     """
 
     seed: int = 0
     kind: Optional[str] = None
     kind_weights: Optional[dict[str, float]] = None
+    occlusion_probability: float = 1.0
 
     def batch(self, step: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
         out = []
@@ -111,7 +122,10 @@ class SyntheticData:
                 weights = np.array([self.kind_weights[n] for n in names], dtype=float)
                 chooser = np.random.default_rng([self.seed, step, i, 1])
                 kind = names[int(chooser.choice(len(names), p=weights / weights.sum()))]
-            sample = synthetic_image(np.random.default_rng([self.seed, step, i]), kind=kind)
+            occlusion = True
+            if self.occlusion_probability < 1.0:
+                occlusion = bool(np.random.default_rng([self.seed, step, i, 2]).random() < self.occlusion_probability)
+            sample = synthetic_image(np.random.default_rng([self.seed, step, i]), kind=kind, occlusion=occlusion)
             out.append((sample.image, sample.labels))
         return out
 
@@ -260,6 +274,12 @@ def training_step(
     if first_prompt == "box":
         boxes = noisy_boxes(target.cpu(), generator, side)
         points, point_labels = torch.zeros((count, 0, 2)), torch.zeros((count, 0))
+    elif config.distractor_probability > 0 and torch.rand((), generator=generator) < config.distractor_probability:
+        elsewhere = torch.stack([labels[b].cpu() > 0 for b in owner]) & ~target.cpu()
+        nothing_else = ~elsewhere.flatten(1).any(1)
+        elsewhere[nothing_else] = ~target.cpu()[nothing_else]
+        points = torch.cat([points, sample_points_in(elsewhere, generator).unsqueeze(1)], 1)
+        point_labels = torch.cat([point_labels, torch.zeros((count, 1))], 1)
     previous = None
     total_mask, total_iou = 0.0, 0.0
     last_iou = torch.zeros(())
