@@ -8,6 +8,8 @@ corrective points drawn from the error region, each time feeding the previous lo
 logits back as the mask prompt. The loss of every round is 20 x focal + dice on the
 masks (upsampled to the input frame) plus the MSE of the predicted IoU; for a single
 point the best of the three multimask outputs is back-propagated (see ``losses``).
+Optionally (``TrainConfig.distractor_probability``, not in SAM's recipe) a point-prompted
+step adds a negative point on another object, as users click to separate neighbours.
 
 :func:`train` runs steps from any :class:`TrainingData`, with AdamW, linear warm-up and
 cosine decay, fixed seeds (the data of step ``s`` depend only on ``(seed, s)``), and a
