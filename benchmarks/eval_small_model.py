@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
 
     synthetic = {
-        f"synthetic, {name}": heldout_set(max(args.images, args.amg_images), seed=int(args.validation), occlusion=occlusion)
+        f"synthetic, {name}": heldout_set(
+            max(args.images, args.amg_images), seed=int(args.validation), occlusion=occlusion
+        )
         for name, occlusion in (("touching", False), ("overlapping", True))
     }
     for set_name, samples in synthetic.items():

@@ -5,7 +5,7 @@ three phases:
 
 1. from scratch (:func:`~napari_sam.training.trainer.init_from_scratch`), 1600 steps,
    peak learning rate 6e-4, cosine decay; 69 minutes measured on a 2-core machine
-   (2.6 s per step). The first ~400 steps are spent on the mask decoder's
+   (2.6 s per step). The first ~300 steps are spent on the mask decoder's
    all-background plateau (see the README);
 2. from the weights of phase 1, 900 more steps on a fresh data stream (seed 1) with
    half of the images of the "shapes" kind, a second warm-up and cosine decay from 4e-4

@@ -220,6 +220,34 @@ def test_training_step_lowers_loss_on_fixed_batch():
     assert history[-1] < 0.7 * history[0], history
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_tied_cross_attention_points_each_prompt_at_its_position(tie):
+    # the final token-to-image attention, fed only the positional encodings: with tied
+    # query and key projections a point's attention logits peak within two embedding cells
+    # (16 px at vit_small's 256 px input) of the point; SAM's initialisation peaks anywhere
+    torch.manual_seed(0)
+    model = init_from_scratch(build_sam_from_config(MODEL_CONFIGS["vit_small"]), seed=0, tie_cross_attention=tie)
+    encoder = model.prompt_encoder
+    grid = encoder.get_dense_pe()[0]
+    channels, height, width = grid.shape
+    points = torch.rand(30, 2, generator=torch.Generator().manual_seed(1)) * 256
+    queries = encoder.pe_layer.forward_with_coords(points[:, None], (256, 256))[:, 0]
+    attention = model.mask_decoder.transformer.final_attn_token_to_image
+    with torch.no_grad():
+        logits = attention.q_proj(queries) @ attention.k_proj(grid.flatten(1).T).T
+    best = logits.argmax(1)
+    centres = torch.stack([best % width, best // width], 1).float() * (256 / width) + 128 / width
+    near = ((centres - points).norm(dim=1) < 16).float().mean().item()
+    if tie:
+        assert near == 1.0
+        for block in model.mask_decoder.transformer.layers:
+            image_to_token = block.cross_attn_image_to_token
+            assert torch.equal(image_to_token.k_proj.weight, image_to_token.q_proj.weight)
+            assert not torch.equal(block.self_attn.k_proj.weight, block.self_attn.q_proj.weight)
+    else:
+        assert near < 0.3
+
+
 def test_distractor_negative_point_lies_on_another_object():
     model = tiny_model().train()
     prepared = [prepare(model, image, labels) for image, labels in SyntheticData(seed=0).batch(0, 2)]
@@ -301,6 +329,13 @@ def test_cli_scratch_is_reproducible(tmp_path):
     a = torch.load(tmp_path / "a" / "model.pth", weights_only=True)
     b = torch.load(tmp_path / "b" / "model.pth", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # --tie-cross-attention reaches the initialisation: one step later, keys still track queries
+    assert train_cli(["scratch", str(tmp_path / "c"), *argv, "--tie-cross-attention"]) == 0
+    c = torch.load(tmp_path / "c" / "model.pth", weights_only=True)
+    name = "mask_decoder.transformer.final_attn_token_to_image"
+    for state, tied in ((a, False), (c, True)):
+        q, k = state[f"{name}.q_proj.weight"], state[f"{name}.k_proj.weight"]
+        assert (torch.nn.functional.cosine_similarity(q.flatten(), k.flatten(), dim=0) > 0.9) == tied
 
 
 class _Interrupt(Exception):
