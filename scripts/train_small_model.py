@@ -26,7 +26,11 @@ finished phase is not trained again. When done, the weights are copied to
 ``src/napari_sam/weights/`` (the file the package loads offline) unless ``--no-install``
 is given.
 
-    python scripts/train_small_model.py [--out runs/vit_small] [--no-install]
+    python scripts/train_small_model.py [--out runs/vit_small] [--no-install] [--tie-cross-attention]
+
+``--tie-cross-attention`` is a trial of the same phases with a tied initialisation of the
+mask decoder's cross-attention (use another ``--out`` and ``--no-install``); the shipped
+weights do not use it.
 """
 
 from __future__ import annotations
@@ -60,11 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/vit_small", help="run folder (one sub-folder per phase)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-install", action="store_true", help="do not copy the result into the package")
+    parser.add_argument(
+        "--tie-cross-attention", action="store_true",
+        help="trial, not the shipped recipe: phase 1 starts from init_from_scratch(..., tie_cross_attention=True), "
+        "which leaves the decoder's all-background plateau about 190 steps sooner (benchmarks/plateau_check.py)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    model = init_from_scratch(build_sam_from_config(MODEL_CONFIGS["vit_small"]), seed=PHASES[0][1].seed)
+    model = init_from_scratch(
+        build_sam_from_config(MODEL_CONFIGS["vit_small"]), seed=PHASES[0][1].seed,
+        tie_cross_attention=args.tie_cross_attention,
+    )
     for name, config, data in PHASES:
         started = time.perf_counter()
         train(model, data, config, out / name, log_every=10)
