@@ -77,7 +77,7 @@ AMG_SETTINGS = {
 }
 SIZE_BINS = (25, 300, 1000, 3000, 10**6)  # object areas (px) of the per-size means
 SWEEP_IOU = (0.3, 0.45, 0.6, 0.75)
-SWEEP_STABILITY = (0.5, 0.65, 0.8, 0.9)
+SWEEP_STABILITY = (0.5, 0.65, 0.8, 0.85, 0.9)
 
 
 def prompt_point(mask: np.ndarray) -> tuple[float, float]:

@@ -144,7 +144,7 @@ register_weights(
 
 # The project's own small model, trained from scratch on synthetic microscopy-like images
 # (scripts/train_small_model.py); shipped in the package, so it works offline.
-SMALL_MODEL_HASH = "xxh128:9aae06687158046e1c5df65756eda4d0"
+SMALL_MODEL_HASH = "xxh128:1e5dedd49c38f26723fc1efa1e59e94f"
 register_weights(
     KnownWeights(
         "vit_small", "vit_small", SMALL_MODEL_FILE.name, "", SMALL_MODEL_HASH,
@@ -158,7 +158,7 @@ register_weights(
 # mask at all. Chosen as the best F1 of recall and one-to-one precision (duplicate masks of
 # an object count as false positives) over a grid, on held-out synthetic images that the
 # evaluation does not use (`python benchmarks/eval_small_model.py --sweep-amg 10`).
-SMALL_MODEL_AMG_THRESHOLDS = {"pred_iou_thresh": 0.45, "stability_score_thresh": 0.8}
+SMALL_MODEL_AMG_THRESHOLDS = {"pred_iou_thresh": 0.45, "stability_score_thresh": 0.85}
 
 
 def recommended_amg_thresholds(model_type: str) -> dict[str, float]:
