@@ -10,8 +10,10 @@ not trained again.
 
     python benchmarks/plateau_check.py [--steps 400] [--variants default tied] [--out runs/plateau]
 
-About 15 min per variant on 2 CPU threads. The default variant repeats the shipped
-model's phase 1, so its figures can be compared with ``runs/vit_small/phase1/history.jsonl``.
+About 15 min per variant on 2 CPU threads. The "tied" variant repeats the start of the
+shipped recipe's phase 1 (``scripts/train_small_model.py``) and the "default" variant that
+of ``scripts/train_small_model.py --untied``, so their figures can be compared with the
+``phase1/history.jsonl`` of those full runs.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class _Stop(Exception):
 
 
 def logged(run: Path) -> list[dict]:
+    """The records of ``<run>/history.jsonl`` (one per logged step), or [] before the first."""
     path = run / "history.jsonl"
     if not path.exists():
         return []
@@ -44,6 +47,8 @@ def logged(run: Path) -> list[dict]:
 
 
 def run_variant(name: str, steps: int, out: Path) -> list[dict]:
+    """Train variant ``name`` ("default" or "tied") for ``steps`` steps of phase 1 in
+    ``<out>/<name>`` (resuming or skipping as the run folder allows); its logged records."""
     run = out / name
     if not any(r["step"] >= steps for r in logged(run)):
         _, config, data = PHASES[0]

@@ -343,7 +343,8 @@ def init_from_scratch(model: Sam, seed: int = 0, tie_cross_attention: bool = Fal
     ``vit_small`` and the shipped model's phase-1 settings (``benchmarks/plateau_check.py``)
     the decoder left the all-background plateau after 120 steps instead of 310, and its
     last-round IoU averaged 0.50 over steps 350-400, a level the untied run reached
-    only after about 600 steps.
+    only after about 600 steps. The bundled ``vit_small`` is trained from this start
+    (``scripts/train_small_model.py``).
     """
     torch.manual_seed(seed)
     for module in model.modules():
