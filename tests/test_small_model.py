@@ -77,7 +77,8 @@ def test_amg_cli_without_checkpoint_uses_the_bundled_model_offline(offline, tmp_
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert "vit_small" in captured.out and str(SMALL_MODEL_FILE) in captured.out
-    assert "Thresholds for vit_small: pred_iou_thresh 0.45" in captured.out
+    expected = ", ".join(f"{k} {v}" for k, v in checkpoints.SMALL_MODEL_AMG_THRESHOLDS.items())
+    assert f"Thresholds for vit_small: {expected}" in captured.out
     masks = [io.imread(p) > 0 for p in sorted((tmp_path / "out" / "coins").glob("*.png"))]
     _, truth = coins_ground_truth()
     found = 0

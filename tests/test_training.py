@@ -39,6 +39,7 @@ from napari_sam.training.trainer import (
     SyntheticData,
     TrainConfig,
     init_from_scratch,
+    iou_head_step,
     prepare,
     train,
     training_step,
@@ -283,6 +284,59 @@ def test_distractor_negative_point_lies_on_another_object():
     assert torch.equal(first_rounds[0.0][:, 0], first_rounds[1.0][:, 0])
 
 
+def test_best_object_iou_hand_example():
+    labels = torch.zeros(4, 6, dtype=torch.int64)
+    labels[:, :2] = 1  # 8 px
+    labels[:2, 3:] = 2  # 6 px
+    masks = torch.zeros(2, 2, 4, 6, dtype=torch.bool)
+    masks[0, 0, :, :2] = True  # object 1 exactly
+    masks[0, 1, :, :3] = True  # object 1 and the empty column beside it: 8 / 12
+    masks[1, 0, :2, 4:] = True  # 4 of object 2's 6 pixels, nothing else
+    # masks[1, 1] is empty: IoU 0 with every object
+    expected = torch.tensor([[1.0, 8 / 12], [4 / 6, 0.0]])
+    assert torch.allclose(losses.best_object_iou(masks, labels), expected)
+    assert torch.equal(losses.best_object_iou(masks, torch.zeros_like(labels)), torch.zeros(2, 2))
+
+
+def test_iou_head_step_fits_the_best_object_iou_of_each_output():
+    model = tiny_model().train()
+    pairs = SyntheticData(seed=0).batch(0, 2)
+    prepared = [prepare(model, image, labels) for image, labels in pairs]
+    with torch.no_grad():
+        embeddings = model.image_encoder(torch.stack([p[0] for p in prepared]))
+    labels = [p[1] for p in prepared]
+    extents = [(128, 128)] * 2
+    model.requires_grad_(False)
+    head = model.mask_decoder.iou_prediction_head.requires_grad_(True)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=0.0)
+    config = TrainConfig(objects_per_image=16, iou_head_only=True)
+    history = []
+    for _ in range(40):
+        loss, result = iou_head_step(model, embeddings, labels, extents, config, torch.Generator().manual_seed(0))
+        assert result.objects == 32 and 0.0 <= result.last_round_iou <= 1.0
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(result.loss)
+    assert history[-1] < 0.3 * history[0], history
+
+
+def test_iou_head_calibration_changes_only_the_head(tmp_path):
+    model = tiny_model()
+    model.image_encoder.requires_grad_(False)  # a flag the run must leave as it found it
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    config = TrainConfig(steps=3, images_per_step=2, objects_per_image=8, lr=1e-3, warmup_steps=1,
+                         iou_head_only=True, checkpoint_every=10)
+    train(model, SyntheticData(seed=0), config, tmp_path / "run", log_every=1)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(after[k], before[k])}
+    assert changed == {k for k in before if k.startswith("mask_decoder.iou_prediction_head.")}
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == flags
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2, 3] and all(h["mask_loss"] == 0.0 for h in history)
+
+
 def _parameters(state: dict, prefix: str) -> dict:
     return {k: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -502,6 +556,22 @@ def test_cli_finetune_end_to_end(small_checkpoint, tmp_path, capsys):
     # a finished run is not replaced without --overwrite
     assert train_cli(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_iou_head_only_changes_only_the_head(small_checkpoint, tmp_path):
+    import napari_sam
+
+    images, labels = write_dataset(tmp_path)
+    out = tmp_path / "calibrated"
+    argv = ["finetune", str(out), "--images", str(images), "--labels", str(labels), "--model", str(small_checkpoint),
+            "--iou-head-only", "--steps", "2", "--images-per-step", "1", "--objects-per-image", "4",
+            "--lr", "1e-3", "--threads", "1"]
+    assert train_cli(argv) == 0
+    assert json.loads((out / "run.json").read_text())["config"]["iou_head_only"] is True
+    state = napari_sam.build_sam(str(out / "model.pth"), device="cpu").state_dict()
+    original = torch.load(small_checkpoint, map_location="cpu", weights_only=True)
+    changed = {k for k, v in original.items() if not torch.equal(state[k], v)}
+    assert changed and all(k.startswith("mask_decoder.iou_prediction_head.") for k in changed), changed
 
 
 def test_cli_rejects_bad_label_images(small_checkpoint, tmp_path, capsys):

@@ -74,10 +74,10 @@ class AutomaticSegmentationWidget(Container):
         self.result_layer: Optional[Labels] = None
 
     def _apply_model_thresholds(self, model_type: str) -> None:
-        """Set the predicted-IoU and stability thresholds for ``model_type``: the bundled
+        """Set the predicted-IoU, stability and box-NMS thresholds for ``model_type``: the bundled
         vit_small's own (see ``recommended_amg_thresholds``), the reference's defaults otherwise."""
         thresholds = {name: default for name, default, _ in AMG_SETTINGS
-                      if name in ("pred_iou_thresh", "stability_score_thresh")}
+                      if name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh")}
         thresholds.update(recommended_amg_thresholds(model_type))
         for name, value in thresholds.items():
             self._settings[name].value = value

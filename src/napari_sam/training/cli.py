@@ -87,6 +87,12 @@ def _add_training_options(parser: argparse.ArgumentParser, *, steps: int, lr: fl
                        help="Chance that a step prompted by points adds a negative point on another object, so "
                        "that a negative click on a neighbour does not cut the object (not in SAM's recipe; "
                        "default: 0).")
+    group.add_argument("--iou-head-only", action="store_true",
+                       help="Calibrate only the IoU prediction head (every other weight frozen, so masks do not "
+                       "change) on prompts like automatic mask generation's: --objects-per-image points per image "
+                       "drawn anywhere, background included; each output's target is its best IoU with any "
+                       "object. After training, it makes the automatic mask generator rank masks better (not in "
+                       "SAM's recipe).")
     run = parser.add_argument_group("run")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     run.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu).")
@@ -312,7 +318,7 @@ def _config(args: argparse.Namespace, decoder_only: bool, augment: bool):
         iterations=args.iterations, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=warmup,
         decoder_only=decoder_only, precision=args.precision, seed=args.seed,
         checkpoint_every=args.checkpoint_every, min_object_area=args.min_object_area, augment=augment,
-        distractor_probability=args.distractor_probability,
+        distractor_probability=args.distractor_probability, iou_head_only=args.iou_head_only,
     )
 
 

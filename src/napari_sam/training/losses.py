@@ -63,3 +63,25 @@ def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     inter = (pred & tgt).flatten(-2).sum(-1).float()
     union = (pred | tgt).flatten(-2).sum(-1).float()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+@torch.no_grad()
+def best_object_iou(masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """IoU of each mask with the ground-truth object it overlaps best.
+
+    Args:
+        masks: PxCxHxW bool masks (C outputs per prompt).
+        labels: HxW integer label image, 0 = background, one id per object.
+
+    Returns:
+        PxC float32 IoU, the maximum over the objects of ``labels`` (0 when it has none).
+    """
+    flat = masks.flatten(2).float()
+    ids = torch.unique(labels)
+    ids = ids[ids > 0]
+    if len(ids) == 0:
+        return torch.zeros(flat.shape[:2], device=flat.device)
+    objects = (labels.reshape(1, -1).to(flat.device) == ids[:, None].to(flat.device)).float()
+    inter = flat @ objects.T  # P x C x objects
+    union = flat.sum(-1, keepdim=True) + objects.sum(-1) - inter
+    return (inter / union.clamp(min=1)).amax(-1)

@@ -16,7 +16,8 @@ cosine decay, fixed seeds (the data of step ``s`` depend only on ``(seed, s)``),
 resumable training state written atomically every ``checkpoint_every`` steps. With
 ``decoder_only=True`` the image encoder is frozen and each image embedding is computed
 once and cached, so only the prompt encoder and mask decoder train: fast enough on a
-laptop CPU for any registry model.
+laptop CPU for any registry model. With ``iou_head_only=True`` only the IoU prediction head
+trains (:func:`iou_head_step`), on the prompts of automatic mask generation.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from ..modeling import Sam
 from ..utils.image import to_rgb_uint8
 from ..utils.transforms import ResizeLongestSide
-from .losses import mask_iou, mask_loss
+from .losses import best_object_iou, mask_iou, mask_loss
 from .prompts import corrective_points, noisy_boxes, sample_points_in
 from .synthetic import synthetic_image
 
@@ -70,6 +71,14 @@ class TrainConfig:
             the image has no other object). Not in SAM's recipe, whose negative points come
             only from the error region: it teaches the model that a negative click on a
             neighbour does not cut the object. 0 draws nothing (the recipe's stream).
+        iou_head_only: calibrate the IoU prediction head alone (every other weight frozen,
+            so the masks do not change) on the prompts of automatic mask generation:
+            ``objects_per_image`` positive points per image drawn uniformly over the image
+            (background included, as a point grid falls), all four outputs, each trained
+            towards the best IoU of its mask with any ground-truth object of the image (0
+            where the image has none). Not in SAM's recipe, whose IoU targets come only from
+            points on objects: a small model trained that way ranks its masks poorly where
+            points fall off objects (see :func:`iou_head_step`). ``iterations`` is ignored.
     """
 
     steps: int = 1000
@@ -86,6 +95,7 @@ class TrainConfig:
     min_object_area: int = 16
     augment: bool = True
     distractor_probability: float = 0.0
+    iou_head_only: bool = False
 
 
 class TrainingData(Protocol):
@@ -318,6 +328,55 @@ def training_step(
     return loss, result
 
 
+def iou_head_step(
+    model: Sam, embeddings: torch.Tensor, labels: Sequence[torch.Tensor], extents: Sequence[tuple[int, int]],
+    config: TrainConfig, generator: torch.Generator,
+) -> tuple[torch.Tensor, StepResult]:
+    """Loss of the IoU-head calibration (``TrainConfig.iou_head_only``) on one batch.
+
+    Per image, ``config.objects_per_image`` single positive points are drawn uniformly from
+    the image (``extents``, not the padding), as automatic mask generation prompts a grid
+    that falls on objects and background alike. Each of the four mask outputs is
+    thresholded at 0 in the input frame (cropped to the image, as the predictor crops), and
+    its target is the best IoU with any ground-truth object of the image: the quality of the
+    mask as an object mask, whatever the point landed on. The loss is the MSE between the
+    predicted and the target IoU; only the IoU head gets gradients (the caller freezes the
+    rest).
+
+    Args:
+        model: the SAM being calibrated.
+        embeddings: BxCxhxw image embeddings (no gradient needed).
+        labels: B label images in the input frame (SxS int64, 0 = background and padding).
+        extents: B (height, width) of the resized image inside the SxS input.
+        config: run settings.
+        generator: torch random generator of the points.
+
+    Returns:
+        (scalar loss tensor, :class:`StepResult` whose ``last_round_iou`` is the mean target).
+    """
+    side = model.image_encoder.img_size
+    image_pe = model.prompt_encoder.get_dense_pe()
+    count = config.objects_per_image
+    predicted, targets = [], []
+    for b, (label_image, (height, width)) in enumerate(zip(labels, extents)):
+        points = torch.rand((count, 1, 2), generator=generator) * torch.tensor([width, height], dtype=torch.float32)
+        sparse, dense = model.prompt_encoder(
+            points=(points.to(model.device), torch.ones((count, 1), device=model.device)), boxes=None, masks=None,
+        )
+        # Every weight but the head's is frozen, so this pass records a graph for the head only.
+        logits, iou_pred = model.mask_decoder.predict_masks(
+            embeddings[b : b + 1].expand(count, -1, -1, -1), image_pe, sparse, dense
+        )
+        upscaled = F.interpolate(logits.detach().float(), (side, side), mode="bilinear", align_corners=False)
+        target = best_object_iou(upscaled[..., :height, :width] > 0, label_image[:height, :width])
+        predicted.append(iou_pred.float())
+        targets.append(target)
+    predicted_all, target_all = torch.cat(predicted), torch.cat(targets)
+    loss = F.mse_loss(predicted_all, target_all)
+    value = float(loss.detach())
+    return loss, StepResult(value, 0.0, value, float(target_all.mean()), len(target_all))
+
+
 # Gain on the query projection of the mask decoder's cross-attention layers when
 # init_from_scratch ties their key projections to it (tie_cross_attention=True).
 TIED_CROSS_ATTENTION_GAIN = 2.0
@@ -427,6 +486,10 @@ def train(
     torch.manual_seed(config.seed)
     if config.decoder_only:
         model.image_encoder.requires_grad_(False)
+    trainable_before = {name: p.requires_grad for name, p in model.named_parameters()}
+    if config.iou_head_only:
+        model.requires_grad_(False)
+        model.mask_decoder.iou_prediction_head.requires_grad_(True)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     state = TrainState()
@@ -449,6 +512,7 @@ def train(
     if config.decoder_only:
         model.image_encoder.eval()
     started = time.perf_counter()
+    side = model.image_encoder.img_size
     for step in range(state.step, config.steps):
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         pairs = data.batch(step, config.images_per_step)
@@ -458,13 +522,19 @@ def train(
             group["lr"] = _learning_rate(config, step)
         first_prompt = "point" if torch.rand((), generator=generator) < 0.5 else "box"
         with autocast(model, config.precision):
-            if config.decoder_only:
-                embeddings = _cached_embeddings(model, inputs, embedding_cache)
+            if config.iou_head_only:
+                with torch.no_grad():
+                    embeddings = model.image_encoder(inputs)
+                extents = [ResizeLongestSide.get_preprocess_shape(*image.shape[:2], side) for image, _ in pairs]
+                loss, result = iou_head_step(model, embeddings, [p[1] for p in prepared], extents, config, generator)
             else:
-                embeddings = model.image_encoder(inputs)
-            loss, result = training_step(
-                model, embeddings, [p[1] for p in prepared], config, generator, first_prompt
-            )
+                if config.decoder_only:
+                    embeddings = _cached_embeddings(model, inputs, embedding_cache)
+                else:
+                    embeddings = model.image_encoder(inputs)
+                loss, result = training_step(
+                    model, embeddings, [p[1] for p in prepared], config, generator, first_prompt
+                )
         optimizer.zero_grad(set_to_none=True)
         if result.objects:
             loss.backward()
@@ -488,6 +558,9 @@ def train(
                 state_path,
             )
     model.eval()
+    if config.iou_head_only:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(trainable_before[name])
     _save_atomic(model.state_dict(), out / "model.pth")
     return model
 
