@@ -108,6 +108,7 @@ def test_commit_undo_redo_and_clear(open_widget, qtbot, groceries):
     wait_idle(qtbot, widget)
     mask = widget.current_layer.data > 0
     assert mask.any()
+    assert "1 object(s)" in widget._status.value and "not committed" in widget._status.value
 
     assert widget.commit() == [1]
     assert np.array_equal(output.data == 1, mask)

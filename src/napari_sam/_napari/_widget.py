@@ -531,7 +531,10 @@ class SamWidget(Container):
             return  # superseded by a newer request
         self._show_current(request.spec, masks)
         n = len(masks)
-        self._status.value = f"{n} object(s) on this slice." if n else "Embedding ready: add points or boxes."
+        self._status.value = (
+            f"Current: {n} object(s) from the prompts, not committed yet (C commits)." if n
+            else "Embedding ready: add points or boxes."
+        )
         if self._commit_when_ready:
             self._commit_when_ready = False
             self.commit()
