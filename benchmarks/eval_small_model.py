@@ -142,18 +142,33 @@ def evaluate_image(predictor: SamPredictor, image: np.ndarray, labels: np.ndarra
     return scores
 
 
-def amg_recall(model, image: np.ndarray, labels: np.ndarray, settings: dict) -> tuple[int, int, int, int]:
-    """(objects found at IoU >= 0.5, objects, masks generated, masks matched one to one to an
-    object at IoU >= 0.5: the size of a maximum matching, so duplicates do not count)."""
-    records = SamAutomaticMaskGenerator(model, **settings).generate(image)
+def object_mask_iou(labels: np.ndarray, segmentations: Sequence[np.ndarray]) -> np.ndarray:
+    """Objects x masks IoU between the ground-truth objects of ``labels`` (those of at least
+    ``MIN_OBJECT_AREA`` pixels) and HxW bool masks."""
     objects = [labels == index for index in range(1, int(labels.max()) + 1)]
-    objects = [mask for mask in objects if mask.sum() >= MIN_OBJECT_AREA]
-    matrix = np.array([[iou(r["segmentation"], mask) for r in records] for mask in objects]).reshape(
-        len(objects), len(records)
-    )
-    hits = matrix >= 0.5
-    rows, cols = linear_sum_assignment(hits, maximize=True)
-    return int(hits.any(1).sum()), len(objects), len(records), int(hits[rows, cols].sum())
+    objects = np.array([mask.ravel() for mask in objects if mask.sum() >= MIN_OBJECT_AREA], dtype=np.float32)
+    objects = objects.reshape(len(objects), labels.size)
+    masks = np.array([m.ravel() for m in segmentations], dtype=np.float32).reshape(len(segmentations), labels.size)
+    inter = objects @ masks.T
+    union = objects.sum(1)[:, None] + masks.sum(1)[None, :] - inter
+    return inter / np.maximum(union, 1)  # objects are never empty, so union > 0
+
+
+def match_counts(hits: np.ndarray) -> np.ndarray:
+    """From an objects x masks bool matrix of IoU >= 0.5: (objects found, objects, masks,
+    masks matched one to one to an object: the size of a maximum matching, so duplicates
+    do not count)."""
+    matched = 0
+    if hits.size:
+        rows, cols = linear_sum_assignment(hits, maximize=True)
+        matched = int(hits[rows, cols].sum())
+    return np.array([int(hits.any(1).sum()), hits.shape[0], hits.shape[1], matched])
+
+
+def amg_recall(model, image: np.ndarray, labels: np.ndarray, settings: dict) -> np.ndarray:
+    """:func:`match_counts` of one AMG run with ``settings``."""
+    records = SamAutomaticMaskGenerator(model, **settings).generate(image)
+    return match_counts(object_mask_iou(labels, [r["segmentation"] for r in records]) >= 0.5)
 
 
 @dataclass
@@ -171,15 +186,10 @@ def amg_candidates(model, image: np.ndarray, labels: np.ndarray) -> Candidates:
     records = SamAutomaticMaskGenerator(
         model, points_per_side=32, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0
     ).generate(image)
-    objects = [labels == index for index in range(1, int(labels.max()) + 1)]
-    objects = np.array([mask.ravel() for mask in objects if mask.sum() >= MIN_OBJECT_AREA], dtype=np.float32)
-    segments = np.array([r["segmentation"].ravel() for r in records], dtype=np.float32).reshape(len(records), -1)
-    inter = objects.reshape(len(objects), -1) @ segments.T
-    union = objects.sum(1)[:, None] + segments.sum(1)[None, :] - inter
     boxes = torch.tensor([r["bbox"] for r in records], dtype=torch.float32).reshape(-1, 4)
     boxes[:, 2:] += boxes[:, :2]
     return Candidates(
-        np.where(union > 0, inter / np.maximum(union, 1), 1.0),
+        object_mask_iou(labels, [r["segmentation"] for r in records]),
         np.array([r["predicted_iou"] for r in records], dtype=np.float32),
         np.array([r["stability_score"] for r in records], dtype=np.float32),
         boxes,
@@ -209,23 +219,16 @@ def sweep_amg_thresholds(model, samples, grid: dict[str, Sequence[float]]) -> li
 
     The generator runs once per image with no filter; each setting's filters are then
     applied to those masks (:func:`select`), which gives what a run with that setting
-    returns at a fraction of the time (the best setting is re-run directly as a check)."""
-    candidates = [(amg_candidates(model, s.image, s.labels)) for s in samples]
+    returns at a fraction of the time (the picks are re-run directly as a check)."""
+    candidates = [amg_candidates(model, s.image, s.labels) for s in samples]
     rows = []
     for values in itertools.product(*grid.values()):
         settings = dict(zip(grid, values))
-        found = objects = generated = matched = 0
-        for c in candidates:
-            hits = c.iou[:, select(c, **settings)] >= 0.5
-            found += int(hits.any(1).sum())
-            objects += hits.shape[0]
-            generated += hits.shape[1]
-            if hits.size:
-                r, k = linear_sum_assignment(hits, maximize=True)
-                matched += int(hits[r, k].sum())
+        found, objects, generated, matched = sum(match_counts(c.iou[:, select(c, **settings)] >= 0.5)
+                                                 for c in candidates)
         recall, precision = found / max(objects, 1), matched / max(generated, 1)
         f1 = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
-        rows.append({**settings, "recall": recall, "precision": precision, "f1": f1, "masks": generated})
+        rows.append({**settings, "recall": recall, "precision": precision, "f1": f1, "masks": int(generated)})
     return rows
 
 
