@@ -284,6 +284,36 @@ def test_distractor_negative_point_lies_on_another_object():
     assert torch.equal(first_rounds[0.0][:, 0], first_rounds[1.0][:, 0])
 
 
+def test_distractor_on_an_image_with_one_object_stays_on_its_background():
+    # a 64x128 image in the 128x128 input frame: rows 64-127 are padding
+    model = tiny_model()
+    labels = torch.zeros((128, 128), dtype=torch.int64)
+    rr, cc = draw.disk((30, 40), 10)
+    labels[rr, cc] = 1
+    seen = []
+    encode = model.prompt_encoder.forward
+
+    def recording(points, boxes, masks):
+        seen.append(points)
+        return encode(points, boxes, masks)
+
+    model.prompt_encoder.forward = recording
+    config = TrainConfig(objects_per_image=1, iterations=1, min_object_area=4, distractor_probability=1.0)
+    embeddings = model.image_encoder(torch.zeros((1, 3, 128, 128)))
+    negatives = []
+    with torch.no_grad():
+        for seed in range(12):
+            seen.clear()
+            training_step(model, embeddings, [labels], config, torch.Generator().manual_seed(seed), "point",
+                          extents=[(64, 128)])
+            coords, point_labels = seen[0]
+            assert point_labels.tolist() == [[1.0, 0.0]]
+            negatives.append(coords[0, 1].long().tolist())
+    for x, y in negatives:
+        assert y < 64 and x < 128, (x, y)  # inside the image, not in the padding
+        assert labels[y, x] == 0  # and off the object
+
+
 def test_best_object_iou_hand_example():
     labels = torch.zeros(4, 6, dtype=torch.int64)
     labels[:, :2] = 1  # 8 px

@@ -18,8 +18,11 @@ settings of the run) and, at the end, ``model.pth``: a plain SAM state dict that
 napari widgets load.
 
 Resuming: running the same command again after an interruption continues from the last
-training state, with the same data and prompts the run would have seen (a resumed run
-ends with the same weights as an uninterrupted one). Different settings for an
+training state, with the same data and prompts the run would have seen. With one CPU
+thread (``--threads 1``) a resumed run ends with bit-for-bit the same weights as an
+uninterrupted one; with more threads, two runs of the same steps already differ in the last
+bits (measured: the gradients of vit_small's relative-position tables in its global-attention
+blocks), so they agree only statistically. Different settings for an
 unfinished run are refused (its ``run.json`` says which); ``--overwrite`` discards the
 previous run in ``OUT_DIR`` and starts from step 0. A finished run (``model.pth`` exists)
 is never replaced without ``--overwrite``.
@@ -50,7 +53,8 @@ MODEL_TYPES = ("vit_small", "vit_test", "vit_b", "vit_l", "vit_h")
 
 RESUME_HELP = (
     "Resumable: the run writes OUT_DIR/training_state.pt every --checkpoint-every steps; running the same "
-    "command again continues from there (same data and prompts, same final weights). At the end the trained "
+    "command again continues from there (same data and prompts; with --threads 1, the same final weights to the "
+    "bit). At the end the trained "
     "weights are written to OUT_DIR/model.pth (load them with napari_sam.build_sam(path) or in the napari "
     "plugin). Use --overwrite to discard a previous run in OUT_DIR and start again."
 )

@@ -251,7 +251,7 @@ def autocast(model: Sam, precision: str) -> contextlib.AbstractContextManager:
 
 def training_step(
     model: Sam, embeddings: torch.Tensor, labels: Sequence[torch.Tensor], config: TrainConfig,
-    generator: torch.Generator, first_prompt: str,
+    generator: torch.Generator, first_prompt: str, extents: Optional[Sequence[tuple[int, int]]] = None,
 ) -> tuple[torch.Tensor, StepResult]:
     """Loss of one batch with simulated interactive prompts (see the module docstring).
 
@@ -262,6 +262,9 @@ def training_step(
         config: run settings.
         generator: torch random generator for object choice and prompts.
         first_prompt: "point" or "box".
+        extents: B (height, width) of each resized image inside the SxS input. Only the
+            distractor of an image with no other object uses it, to stay off the padding;
+            without it that distractor may land anywhere off the object.
 
     Returns:
         (scalar loss tensor, :class:`StepResult`).
@@ -289,7 +292,12 @@ def training_step(
     elif config.distractor_probability > 0 and torch.rand((), generator=generator) < config.distractor_probability:
         elsewhere = torch.stack([labels[b].cpu() > 0 for b in owner]) & ~target.cpu()
         nothing_else = ~elsewhere.flatten(1).any(1)
-        elsewhere[nothing_else] = ~target.cpu()[nothing_else]
+        for i in torch.nonzero(nothing_else).flatten().tolist():  # the image's background instead
+            elsewhere[i] = ~target[i].cpu()
+            if extents is not None:
+                height, width = extents[owner[i]]
+                elsewhere[i, height:] = False
+                elsewhere[i, :, width:] = False
         points = torch.cat([points, sample_points_in(elsewhere, generator).unsqueeze(1)], 1)
         point_labels = torch.cat([point_labels, torch.zeros((count, 1))], 1)
     previous = None
@@ -522,10 +530,10 @@ def train(
             group["lr"] = _learning_rate(config, step)
         first_prompt = "point" if torch.rand((), generator=generator) < 0.5 else "box"
         with autocast(model, config.precision):
+            extents = [ResizeLongestSide.get_preprocess_shape(*image.shape[:2], side) for image, _ in pairs]
             if config.iou_head_only:
                 with torch.no_grad():
                     embeddings = model.image_encoder(inputs)
-                extents = [ResizeLongestSide.get_preprocess_shape(*image.shape[:2], side) for image, _ in pairs]
                 loss, result = iou_head_step(model, embeddings, [p[1] for p in prepared], extents, config, generator)
             else:
                 if config.decoder_only:
@@ -533,7 +541,7 @@ def train(
                 else:
                     embeddings = model.image_encoder(inputs)
                 loss, result = training_step(
-                    model, embeddings, [p[1] for p in prepared], config, generator, first_prompt
+                    model, embeddings, [p[1] for p in prepared], config, generator, first_prompt, extents
                 )
         optimizer.zero_grad(set_to_none=True)
         if result.objects:
