@@ -366,6 +366,16 @@ def test_iou_head_calibration_changes_only_the_head(tmp_path):
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [1, 2, 3] and all(h["mask_loss"] == 0.0 for h in history)
 
+    class Failing(SyntheticData):  # the data source breaks at step 1, as an interrupted run would
+        def batch(self, step, count):
+            if step == 1:
+                raise KeyboardInterrupt
+            return super().batch(step, count)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, Failing(seed=0), dataclasses.replace(config, steps=5), tmp_path / "interrupted")
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == flags
+
 
 def _parameters(state: dict, prefix: str) -> dict:
     return {k: v for k, v in state.items() if k.startswith(prefix)}
