@@ -249,11 +249,8 @@ def test_tied_cross_attention_points_each_prompt_at_its_position(tie):
         assert near < 0.3
 
 
-def test_distractor_negative_point_lies_on_another_object():
-    model = tiny_model().train()
-    prepared = [prepare(model, image, labels) for image, labels in SyntheticData(seed=0).batch(0, 2)]
-    inputs = torch.stack([p[0] for p in prepared])
-    labels = [p[1] for p in prepared]
+def record_point_prompts(model) -> list:
+    """Make the prompt encoder append each call's ``points`` ((coords, labels) or None) to the returned list."""
     seen = []
     encode = model.prompt_encoder.forward
 
@@ -262,6 +259,15 @@ def test_distractor_negative_point_lies_on_another_object():
         return encode(points, boxes, masks)
 
     model.prompt_encoder.forward = recording
+    return seen
+
+
+def test_distractor_negative_point_lies_on_another_object():
+    model = tiny_model().train()
+    prepared = [prepare(model, image, labels) for image, labels in SyntheticData(seed=0).batch(0, 2)]
+    inputs = torch.stack([p[0] for p in prepared])
+    labels = [p[1] for p in prepared]
+    seen = record_point_prompts(model)
     first_rounds = {}
     for probability, expected in ((1.0, [1.0, 0.0]), (0.0, [1.0])):
         seen.clear()
@@ -290,14 +296,7 @@ def test_distractor_on_an_image_with_one_object_stays_on_its_background():
     labels = torch.zeros((128, 128), dtype=torch.int64)
     rr, cc = draw.disk((30, 40), 10)
     labels[rr, cc] = 1
-    seen = []
-    encode = model.prompt_encoder.forward
-
-    def recording(points, boxes, masks):
-        seen.append(points)
-        return encode(points, boxes, masks)
-
-    model.prompt_encoder.forward = recording
+    seen = record_point_prompts(model)
     config = TrainConfig(objects_per_image=1, iterations=1, min_object_area=4, distractor_probability=1.0)
     embeddings = model.image_encoder(torch.zeros((1, 3, 128, 128)))
     negatives = []

@@ -490,7 +490,6 @@ def train(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "training_state.pt"
     torch.manual_seed(config.seed)
     if config.decoder_only:
         model.image_encoder.requires_grad_(False)
@@ -499,73 +498,7 @@ def train(
         model.requires_grad_(False)
         model.mask_decoder.iou_prediction_head.requires_grad_(True)
     try:
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-        state = TrainState()
-        if state_path.exists():
-            saved = torch.load(state_path, map_location=model.device, weights_only=False)
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            state = TrainState(saved["step"], saved["history"])
-            _logger.info("Resuming from step %d of %d (%s).", state.step, config.steps, state_path)
-            if saved.get("config", {}).get("steps", config.steps) != config.steps:
-                _logger.warning(
-                    "The saved run was set up for %s steps, this one for %d: the learning-rate schedule "
-                    "changes, so the result differs from a run started with %d steps.",
-                    saved["config"]["steps"], config.steps, config.steps,
-                )
-            # history.jsonl may hold steps logged after the saved state: drop them, they rerun.
-            _rewrite_history(out / "history.jsonl", state.step)
-        embedding_cache: dict[int, torch.Tensor] = {}
-        model.train()
-        if config.decoder_only:
-            model.image_encoder.eval()
-        started = time.perf_counter()
-        side = model.image_encoder.img_size
-        for step in range(state.step, config.steps):
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            pairs = data.batch(step, config.images_per_step)
-            prepared = [prepare(model, image, labels) for image, labels in pairs]
-            inputs = torch.stack([p[0] for p in prepared])
-            for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(config, step)
-            first_prompt = "point" if torch.rand((), generator=generator) < 0.5 else "box"
-            with autocast(model, config.precision):
-                extents = [ResizeLongestSide.get_preprocess_shape(*image.shape[:2], side) for image, _ in pairs]
-                if config.iou_head_only:
-                    with torch.no_grad():
-                        embeddings = model.image_encoder(inputs)
-                    loss, result = iou_head_step(model, embeddings, [p[1] for p in prepared], extents, config, generator)
-                else:
-                    if config.decoder_only:
-                        embeddings = _cached_embeddings(model, inputs, embedding_cache)
-                    else:
-                        embeddings = model.image_encoder(inputs)
-                    loss, result = training_step(
-                        model, embeddings, [p[1] for p in prepared], config, generator, first_prompt, extents
-                    )
-            optimizer.zero_grad(set_to_none=True)
-            if result.objects:
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-                optimizer.step()
-            done = step + 1
-            if progress is not None:
-                progress(done, config.steps, result)
-            if done % log_every == 0 or done == config.steps:
-                record = {"step": done, "seconds": round(time.perf_counter() - started, 1), **asdict(result)}
-                state.history.append(record)
-                with open(out / "history.jsonl", "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                _logger.info("step %d/%d loss %.4f last-round IoU %.3f", done, config.steps, result.loss,
-                             result.last_round_iou)
-            if done % config.checkpoint_every == 0 or done == config.steps:
-                state.step = done
-                _save_atomic(
-                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                     "history": state.history, "config": asdict(config)},
-                    state_path,
-                )
+        _run_steps(model, data, config, out, progress, log_every)
     finally:  # give the caller's trainable flags back, also after an error or Ctrl-C
         if config.iou_head_only:
             for name, parameter in model.named_parameters():
@@ -573,6 +506,83 @@ def train(
     model.eval()
     _save_atomic(model.state_dict(), out / "model.pth")
     return model
+
+
+def _run_steps(
+    model: Sam, data: TrainingData, config: TrainConfig, out: Path,
+    progress: Optional[Callable[[int, int, StepResult], None]], log_every: int,
+) -> None:
+    """The optimisation loop of :func:`train`, over the parameters that require gradients:
+    resumes from ``out/training_state.pt`` when it exists, writes the history and the
+    training states; the caller sets which parameters train and writes ``model.pth``."""
+    state_path = out / "training_state.pt"
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    state = TrainState()
+    if state_path.exists():
+        saved = torch.load(state_path, map_location=model.device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = TrainState(saved["step"], saved["history"])
+        _logger.info("Resuming from step %d of %d (%s).", state.step, config.steps, state_path)
+        if saved.get("config", {}).get("steps", config.steps) != config.steps:
+            _logger.warning(
+                "The saved run was set up for %s steps, this one for %d: the learning-rate schedule "
+                "changes, so the result differs from a run started with %d steps.",
+                saved["config"]["steps"], config.steps, config.steps,
+            )
+        # history.jsonl may hold steps logged after the saved state: drop them, they rerun.
+        _rewrite_history(out / "history.jsonl", state.step)
+    embedding_cache: dict[int, torch.Tensor] = {}
+    model.train()
+    if config.decoder_only:
+        model.image_encoder.eval()
+    started = time.perf_counter()
+    side = model.image_encoder.img_size
+    for step in range(state.step, config.steps):
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        pairs = data.batch(step, config.images_per_step)
+        prepared = [prepare(model, image, labels) for image, labels in pairs]
+        inputs = torch.stack([p[0] for p in prepared])
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(config, step)
+        first_prompt = "point" if torch.rand((), generator=generator) < 0.5 else "box"
+        with autocast(model, config.precision):
+            extents = [ResizeLongestSide.get_preprocess_shape(*image.shape[:2], side) for image, _ in pairs]
+            if config.iou_head_only:
+                with torch.no_grad():
+                    embeddings = model.image_encoder(inputs)
+                loss, result = iou_head_step(model, embeddings, [p[1] for p in prepared], extents, config, generator)
+            else:
+                if config.decoder_only:
+                    embeddings = _cached_embeddings(model, inputs, embedding_cache)
+                else:
+                    embeddings = model.image_encoder(inputs)
+                loss, result = training_step(
+                    model, embeddings, [p[1] for p in prepared], config, generator, first_prompt, extents
+                )
+        optimizer.zero_grad(set_to_none=True)
+        if result.objects:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+        done = step + 1
+        if progress is not None:
+            progress(done, config.steps, result)
+        if done % log_every == 0 or done == config.steps:
+            record = {"step": done, "seconds": round(time.perf_counter() - started, 1), **asdict(result)}
+            state.history.append(record)
+            with open(out / "history.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            _logger.info("step %d/%d loss %.4f last-round IoU %.3f", done, config.steps, result.loss,
+                         result.last_round_iou)
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            state.step = done
+            _save_atomic(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                 "history": state.history, "config": asdict(config)},
+                state_path,
+            )
 
 
 def _rewrite_history(path: Path, last_step: int) -> None:
