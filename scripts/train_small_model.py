@@ -46,7 +46,12 @@ finished phase is not trained again. When done, the weights are copied to
 ``src/napari_sam/weights/`` (the file the package loads offline) unless ``--no-install``
 is given.
 
-    python scripts/train_small_model.py [--out runs/vit_small] [--no-install] [--untied]
+    python scripts/train_small_model.py [--out runs/vit_small] [--no-install] [--untied] [--scale F]
+
+``--scale F`` multiplies every phase's number of steps by ``F`` (warm-up lengths stay),
+for measuring how the quality grows with training compute; use another ``--out`` and
+``--no-install`` with it. ``--scale 0.5 --until phase3`` is the half-budget point of the
+README's scaling check.
 
 ``--untied`` runs the same phases from the untied initialisation (SAM's). With phase 2 at
 900 steps and no phase 4 it gave the weights shipped before the tied ones (xxh128
@@ -60,6 +65,7 @@ import logging
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -92,7 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         help="start phase 1 from the untied initialisation (as SAM does) instead of tying the mask decoder's "
         "cross-attention keys to its queries; reproduces the previously shipped weights",
     )
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every phase's steps by this factor (scaling checks; default 1)")
+    parser.add_argument("--until", choices=[name for name, _, _ in PHASES], default=PHASES[-1][0],
+                        help="stop after this phase (default: the last)")
     args = parser.parse_args(argv)
+    if args.scale <= 0:
+        parser.error(f"--scale must be positive, got {args.scale}")
+    if (args.scale != 1.0 or args.until != PHASES[-1][0]) and not args.no_install:
+        parser.error("--scale and --until make a model for comparison only: add --no-install")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -101,10 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         tie_cross_attention=not args.untied,
     )
     for name, config, data in PHASES:
+        config = replace(config, steps=max(1, round(config.steps * args.scale)))
         started = time.perf_counter()
         train(model, data, config, out / name, log_every=10)
         print(f"{name}: {config.steps} steps; this call {(time.perf_counter() - started) / 60:.1f} min", flush=True)
-    final = out / PHASES[-1][0] / "model.pth"
+        if name == args.until:
+            break
+    final = out / args.until / "model.pth"
     if not args.no_install:
         SMALL_MODEL_FILE.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(final, SMALL_MODEL_FILE)

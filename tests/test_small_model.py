@@ -86,3 +86,32 @@ def test_amg_cli_without_checkpoint_uses_the_bundled_model_offline(offline, tmp_
         coin = truth == index
         found += max(((m & coin).sum() / (m | coin).sum() for m in masks), default=0.0) >= 0.7
     assert truth.max() == 24 and found >= 15, found  # measured: 18 of 24
+
+
+def _training_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_small_model.py"
+    spec = importlib.util.spec_from_file_location("train_small_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_script_scale_and_until_run_shortened_phases_and_never_install(tmp_path, capsys):
+    script = _training_script()
+    before = SMALL_MODEL_FILE.stat().st_mtime_ns
+    with pytest.raises(SystemExit):  # a shortened run must not replace the shipped weights
+        script.main(["--scale", "0.5", "--out", str(tmp_path / "refused")])
+    assert "make a model for comparison only: add --no-install" in capsys.readouterr().err
+    status = script.main(["--scale", "0.002", "--until", "phase2", "--no-install", "--threads", "1",
+                          "--out", str(tmp_path / "tiny")])
+    assert status == 0
+    out = capsys.readouterr().out
+    # 1600 and 750 steps scaled by 0.002, rounded; phase 3 never starts
+    assert "phase1: 3 steps" in out and "phase2: 2 steps" in out and "phase3" not in out
+    assert (tmp_path / "tiny" / "phase2" / "model.pth").is_file()
+    assert not (tmp_path / "tiny" / "phase3").exists()
+    assert SMALL_MODEL_FILE.stat().st_mtime_ns == before
+    assert not (tmp_path / "refused").exists()
