@@ -81,6 +81,10 @@ def _add_training_options(parser: argparse.ArgumentParser, *, steps: int, lr: fl
                        help="Linear warm-up steps before the cosine decay (default: 10%% of --steps, at most 100).")
     group.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                        help="fp32, or bf16 autocast for the forward pass (faster on recent CPUs and GPUs).")
+    group.add_argument("--compile", action="store_true",
+                       help="Run the image encoder, mask decoder and mask loss through torch.compile (needs a C++ "
+                       "compiler on CPU): a few minutes of compiling first, then faster steps (about 0.75 of the "
+                       "time for vit_small with bf16 on 2 CPU cores). Worth it for runs of hundreds of steps.")
     group.add_argument("--seed", type=int, default=0, help="Seed of data, prompts and initial weights (default: 0).")
     group.add_argument("--checkpoint-every", type=int, default=50,
                        help="Steps between resumable training states (default: 50).")
@@ -323,6 +327,7 @@ def _config(args: argparse.Namespace, decoder_only: bool, augment: bool):
         decoder_only=decoder_only, precision=args.precision, seed=args.seed,
         checkpoint_every=args.checkpoint_every, min_object_area=args.min_object_area, augment=augment,
         distractor_probability=args.distractor_probability, iou_head_only=args.iou_head_only,
+        torch_compile=args.compile,
     )
 
 

@@ -17,7 +17,9 @@ resumable training state written atomically every ``checkpoint_every`` steps. Wi
 ``decoder_only=True`` the image encoder is frozen and each image embedding is computed
 once and cached, so only the prompt encoder and mask decoder train: fast enough on a
 laptop CPU for any registry model. With ``iou_head_only=True`` only the IoU prediction head
-trains (:func:`iou_head_step`), on the prompts of automatic mask generation.
+trains (:func:`iou_head_step`), on the prompts of automatic mask generation. With
+``torch_compile=True`` the heavy parts of a step run through ``torch.compile``
+(:class:`StepFunctions`).
 """
 
 from __future__ import annotations
@@ -96,6 +98,38 @@ class TrainConfig:
     augment: bool = True
     distractor_probability: float = 0.0
     iou_head_only: bool = False
+    torch_compile: bool = False
+
+
+@dataclass(frozen=True)
+class StepFunctions:
+    """The three heavy callables of a training step, eager or compiled by ``torch.compile``.
+
+    Attributes:
+        encode: BxCxSxS preprocessed images -> image embeddings (the image encoder).
+        predict_masks: the mask decoder's ``predict_masks`` (all four outputs).
+        mask_loss: :func:`~napari_sam.training.losses.mask_loss`.
+    """
+
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    predict_masks: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    mask_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def for_model(cls, model: Sam, compiled: bool = False) -> "StepFunctions":
+        """The model's own modules (``compiled=False``) or their ``torch.compile`` versions.
+
+        Compiling returns wrappers and leaves ``model`` and its state dict unchanged. The
+        decoder and the loss are compiled with dynamic shapes, since the number of prompted
+        objects and of points changes from step to step.
+        """
+        if not compiled:
+            return cls(model.image_encoder, model.mask_decoder.predict_masks, mask_loss)
+        return cls(
+            torch.compile(model.image_encoder),
+            torch.compile(model.mask_decoder.predict_masks, dynamic=True),
+            torch.compile(mask_loss, dynamic=True),
+        )
 
 
 class TrainingData(Protocol):
@@ -252,6 +286,7 @@ def autocast(model: Sam, precision: str) -> contextlib.AbstractContextManager:
 def training_step(
     model: Sam, embeddings: torch.Tensor, labels: Sequence[torch.Tensor], config: TrainConfig,
     generator: torch.Generator, first_prompt: str, extents: Optional[Sequence[tuple[int, int]]] = None,
+    functions: Optional[StepFunctions] = None,
 ) -> tuple[torch.Tensor, StepResult]:
     """Loss of one batch with simulated interactive prompts (see the module docstring).
 
@@ -265,10 +300,12 @@ def training_step(
         extents: B (height, width) of each resized image inside the SxS input. Only the
             distractor of an image with no other object uses it, to stay off the padding;
             without it that distractor may land anywhere off the object.
+        functions: the decoder and loss to run (default: the model's own, eager).
 
     Returns:
         (scalar loss tensor, :class:`StepResult`).
     """
+    functions = functions or StepFunctions.for_model(model)
     side = model.image_encoder.img_size
     masks, owner = [], []
     for b, label_image in enumerate(labels):
@@ -310,12 +347,12 @@ def training_step(
             boxes=boxes.to(model.device) if boxes is not None else None,
             masks=previous,
         )
-        logits, iou_pred = model.mask_decoder.predict_masks(object_embeddings, image_pe, sparse, dense)
+        logits, iou_pred = functions.predict_masks(object_embeddings, image_pe, sparse, dense)
         outputs = slice(1, None) if ambiguous else slice(0, 1)
         low_res = logits[:, outputs].float()
         iou_pred = iou_pred[:, outputs].float()
         upscaled = F.interpolate(low_res, (side, side), mode="bilinear", align_corners=False)
-        losses = mask_loss(upscaled, target)
+        losses = functions.mask_loss(upscaled, target)
         actual = mask_iou(upscaled, target)
         best = losses.argmin(1)
         rows = torch.arange(count, device=losses.device)
@@ -539,6 +576,7 @@ def _run_steps(
         model.image_encoder.eval()
     started = time.perf_counter()
     side = model.image_encoder.img_size
+    functions = StepFunctions.for_model(model, compiled=config.torch_compile and not config.iou_head_only)
     for step in range(state.step, config.steps):
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         pairs = data.batch(step, config.images_per_step)
@@ -557,9 +595,9 @@ def _run_steps(
                 if config.decoder_only:
                     embeddings = _cached_embeddings(model, inputs, embedding_cache)
                 else:
-                    embeddings = model.image_encoder(inputs)
+                    embeddings = functions.encode(inputs)
                 loss, result = training_step(
-                    model, embeddings, [p[1] for p in prepared], config, generator, first_prompt, extents
+                    model, embeddings, [p[1] for p in prepared], config, generator, first_prompt, extents, functions
                 )
         optimizer.zero_grad(set_to_none=True)
         if result.objects:
