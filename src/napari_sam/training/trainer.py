@@ -81,6 +81,13 @@ class TrainConfig:
             where the image has none). Not in SAM's recipe, whose IoU targets come only from
             points on objects: a small model trained that way ranks its masks poorly where
             points fall off objects (see :func:`iou_head_step`). ``iterations`` is ignored.
+        torch_compile: run the image encoder, the mask decoder and the mask loss of
+            :func:`training_step` through ``torch.compile`` (:class:`StepFunctions`; needs
+            a C++ compiler on CPU). The first steps take a minute or more longer while the
+            kernels are compiled; after that a ``vit_small`` step with bf16 on 2 CPU cores
+            takes 0.8 of the eager time (``benchmarks/bench_training_step.py``). Losses and
+            weights agree with an eager run's to rounding error, not to the bit. The
+            IoU-head calibration (``iou_head_only``) always runs eagerly.
     """
 
     steps: int = 1000
