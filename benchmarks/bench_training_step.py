@@ -22,34 +22,15 @@ import numpy as np
 import torch
 
 from napari_sam.checkpoints import build_sam
-from napari_sam.training.trainer import (
-    StepFunctions,
-    SyntheticData,
-    TrainConfig,
-    autocast,
-    prepare,
-    training_step,
-)
+from napari_sam.training.trainer import StepFunctions, SyntheticData, TrainConfig, optimization_step
 
 WARMUP_STEPS = 6  # compiled steps before timing: point and box prompts, 1 to 3 points
 
 
 def run_step(model, optimizer, functions: StepFunctions, data: SyntheticData, config: TrainConfig, step: int) -> float:
-    """One optimizer step on batch ``step``; returns its wall-clock seconds."""
+    """One optimizer step on batch ``step`` (as ``train`` runs it); returns its wall-clock seconds."""
     started = time.perf_counter()
-    pairs = data.batch(step, config.images_per_step)
-    prepared = [prepare(model, image, labels) for image, labels in pairs]
-    inputs = torch.stack([p[0] for p in prepared])
-    generator = torch.Generator().manual_seed(step)
-    first_prompt = "point" if torch.rand((), generator=generator) < 0.5 else "box"
-    with autocast(model, config.precision):
-        embeddings = functions.encode(inputs)
-        loss, _ = training_step(model, embeddings, [p[1] for p in prepared], config, generator, first_prompt,
-                                functions=functions)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
+    optimization_step(model, optimizer, data, config, step, functions)
     return time.perf_counter() - started
 
 
@@ -59,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    config = TrainConfig(images_per_step=4, objects_per_image=10, iterations=2, precision="bf16")
+    config = TrainConfig(images_per_step=4, objects_per_image=10, iterations=2, precision="bf16", lr=1e-5)
     data = SyntheticData(seed=7, kind_weights={"shapes": 2.0, "nuclei": 1.0, "cells": 1.0})
     variants = {}
     for name in ("eager", "compiled"):

@@ -128,7 +128,15 @@ class StepFunctions:
 
         Compiling returns wrappers and leaves ``model`` and its state dict unchanged. The
         decoder and the loss are compiled with dynamic shapes, since the number of prompted
-        objects and of points changes from step to step.
+        objects and of points changes from step to step. Compilation itself happens at the
+        first call (a minute or more on CPU; it needs a C++ compiler).
+
+        Args:
+            model: the SAM whose modules are used.
+            compiled: wrap them in ``torch.compile`` (default backend).
+
+        Returns:
+            A :class:`StepFunctions`.
         """
         if not compiled:
             return cls(model.image_encoder, model.mask_decoder.predict_masks, mask_loss)
@@ -582,35 +590,9 @@ def _run_steps(
     if config.decoder_only:
         model.image_encoder.eval()
     started = time.perf_counter()
-    side = model.image_encoder.img_size
     functions = StepFunctions.for_model(model, compiled=config.torch_compile and not config.iou_head_only)
     for step in range(state.step, config.steps):
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        pairs = data.batch(step, config.images_per_step)
-        prepared = [prepare(model, image, labels) for image, labels in pairs]
-        inputs = torch.stack([p[0] for p in prepared])
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config, step)
-        first_prompt = "point" if torch.rand((), generator=generator) < 0.5 else "box"
-        with autocast(model, config.precision):
-            extents = [ResizeLongestSide.get_preprocess_shape(*image.shape[:2], side) for image, _ in pairs]
-            if config.iou_head_only:
-                with torch.no_grad():
-                    embeddings = model.image_encoder(inputs)
-                loss, result = iou_head_step(model, embeddings, [p[1] for p in prepared], extents, config, generator)
-            else:
-                if config.decoder_only:
-                    embeddings = _cached_embeddings(model, inputs, embedding_cache)
-                else:
-                    embeddings = functions.encode(inputs)
-                loss, result = training_step(
-                    model, embeddings, [p[1] for p in prepared], config, generator, first_prompt, extents, functions
-                )
-        optimizer.zero_grad(set_to_none=True)
-        if result.objects:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
+        result = optimization_step(model, optimizer, data, config, step, functions, embedding_cache)
         done = step + 1
         if progress is not None:
             progress(done, config.steps, result)
@@ -628,6 +610,59 @@ def _run_steps(
                  "history": state.history, "config": asdict(config)},
                 state_path,
             )
+
+
+def optimization_step(
+    model: Sam, optimizer: torch.optim.Optimizer, data: TrainingData, config: TrainConfig, step: int,
+    functions: StepFunctions, embedding_cache: Optional[dict[int, torch.Tensor]] = None,
+) -> StepResult:
+    """Step ``step`` of a run: its batch and prompts, the loss, one clipped optimizer update.
+
+    The batch is ``data.batch(step, config.images_per_step)``; prompts come from a generator
+    seeded with ``(config.seed, step)``; the learning rate follows ``config``'s warm-up and
+    cosine schedule. Used by :func:`train` and by ``benchmarks/bench_training_step.py``.
+
+    Args:
+        model: the SAM being trained (in train mode).
+        optimizer: optimizer over the trainable parameters (gradients clipped to norm 1).
+        data: source of (image, labels) pairs.
+        config: run settings (``decoder_only`` and ``iou_head_only`` choose the step kind).
+        step: 0-based step index.
+        functions: the encoder, decoder and loss to run (:meth:`StepFunctions.for_model`).
+        embedding_cache: image embeddings by image identity, filled and reused when
+            ``config.decoder_only``.
+
+    Returns:
+        The step's :class:`StepResult`; no update when no object was prompted.
+    """
+    side = model.image_encoder.img_size
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    pairs = data.batch(step, config.images_per_step)
+    prepared = [prepare(model, image, labels) for image, labels in pairs]
+    inputs = torch.stack([p[0] for p in prepared])
+    for group in optimizer.param_groups:
+        group["lr"] = _learning_rate(config, step)
+    first_prompt = "point" if torch.rand((), generator=generator) < 0.5 else "box"
+    with autocast(model, config.precision):
+        extents = [ResizeLongestSide.get_preprocess_shape(*image.shape[:2], side) for image, _ in pairs]
+        if config.iou_head_only:
+            with torch.no_grad():
+                embeddings = model.image_encoder(inputs)
+            loss, result = iou_head_step(model, embeddings, [p[1] for p in prepared], extents, config, generator)
+        else:
+            if config.decoder_only:
+                embeddings = _cached_embeddings(model, inputs, {} if embedding_cache is None else embedding_cache)
+            else:
+                embeddings = functions.encode(inputs)
+            loss, result = training_step(
+                model, embeddings, [p[1] for p in prepared], config, generator, first_prompt, extents, functions
+            )
+    optimizer.zero_grad(set_to_none=True)
+    if result.objects:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
+        optimizer.step()
+    return result
 
 
 def _rewrite_history(path: Path, last_step: int) -> None:
