@@ -18,6 +18,7 @@ from skimage import draw, io
 from napari_sam.build import MODEL_CONFIGS, build_sam_from_config
 from napari_sam.training import losses
 from napari_sam.training.cli import main as train_cli
+from napari_sam.training.parallel import Replica
 from napari_sam.training.prompts import (
     BOX_NOISE_FRACTION,
     BOX_NOISE_MAX_AT_1024,
@@ -42,6 +43,7 @@ from napari_sam.training.trainer import (
     init_from_scratch,
     iou_head_step,
     prepare,
+    step_loss,
     train,
     training_step,
 )
@@ -253,6 +255,56 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch):
     functions = StepFunctions.for_model(model, compiled=True)
     assert functions.encode is not model.image_encoder and functions.mask_loss is not losses.mask_loss
     assert set(model.state_dict()) == set(tiny_model().state_dict())  # wrappers, the model is unchanged
+
+
+def test_data_parallel_step_is_the_object_weighted_mean_of_the_shares(tmp_path):
+    """processes=2: two spawned-and-calling processes make the update that one process makes
+    from the gradient of both halves of the batch, each weighted by its share of the objects.
+
+    The expected update is computed here, in one process, from each replica's share
+    (``step_loss``); the run's weights must match it to the last bits (1 thread each, and
+    the all-reduce adds the two weighted gradients as autograd accumulates them).
+    """
+    config = TrainConfig(steps=1, images_per_step=3, objects_per_image=4, iterations=2, min_object_area=4, lr=1e-3,
+                         warmup_steps=1, checkpoint_every=1, seed=5, processes=2)
+    data = SyntheticData(seed=5)
+    run_dir = tmp_path / "parallel"
+    losses_seen = []
+    trained = train(tiny_model(seed=5), data, config, run_dir,
+                    progress=lambda done, total, result: losses_seen.append(result))
+    assert torch.get_num_threads() == 1  # the caller's threads come back
+
+    model = tiny_model(seed=5).train()
+    functions = StepFunctions.for_model(model)
+    shares = [step_loss(model, data, config, 0, functions, replica=Replica(rank, 2)) for rank in (0, 1)]
+    counts = [result.objects for _, result in shares]
+    assert min(counts) > 0 and counts[0] != counts[1]  # 2 images against 1: unequal weights are exercised
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    for loss, result in shares:
+        (loss * (result.objects / sum(counts))).backward()
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+    optimizer.step()
+    expected = model.state_dict()
+    for name, tensor in trained.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-7, msg=name)
+    assert not torch.equal(expected["mask_decoder.iou_token.weight"],
+                           tiny_model(seed=5).state_dict()["mask_decoder.iou_token.weight"])
+    # the progress and history report the whole batch once, from the calling process
+    assert len(losses_seen) == 1 and losses_seen[0].objects == sum(counts)
+    weighted = sum(result.loss * result.objects for _, result in shares) / sum(counts)
+    assert losses_seen[0].loss == pytest.approx(weighted, rel=1e-6)
+    lines = (run_dir / "history.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["objects"] == sum(counts)
+    # replica 1 drew its own prompts: its share is not replica 0's prompts on other images
+    assert Replica(1, 2).prompt_seed(5, 0) != Replica(0, 2).prompt_seed(5, 0) == Replica().prompt_seed(5, 0)
+    with pytest.raises(ValueError, match="processes=2"):  # resume with another process count
+        train(tiny_model(seed=5), data, dataclasses.replace(config, steps=2, processes=1), run_dir)
+
+
+def test_data_parallel_rejects_fewer_images_than_processes(tmp_path):
+    config = TrainConfig(steps=1, images_per_step=1, processes=2)
+    with pytest.raises(ValueError, match="at least as many images per step"):
+        train(tiny_model(), SyntheticData(seed=0), config, tmp_path)
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -676,6 +728,8 @@ def test_cli_rejects_bad_label_images(small_checkpoint, tmp_path, capsys):
     assert "--distractor-probability must be between 0 and 1, got 1.5" in capsys.readouterr().err
     assert train_cli(["scratch", str(out), "--occlusion-probability", "-0.1"]) == 2
     assert "--occlusion-probability must be between 0 and 1" in capsys.readouterr().err
+    assert train_cli(base + both + ["--processes", "0"]) == 2
+    assert "--processes must be at least 1, got 0" in capsys.readouterr().err
     assert not out.exists(), "nothing is written when the inputs are refused"
 
 

@@ -103,6 +103,10 @@ def _add_training_options(parser: argparse.ArgumentParser, *, steps: int, lr: fl
                        "SAM's recipe).")
     run = parser.add_argument_group("run")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    run.add_argument("--processes", type=int, default=1,
+                     help="Data-parallel training processes on this CPU (each takes a share of every batch and of "
+                     "--threads; needs --images-per-step at least as large). Meant for many-core machines: on 2 "
+                     "cores it saves little (default: 1).")
     run.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu).")
     run.add_argument("--overwrite", action="store_true",
                      help="Discard a previous run in OUT_DIR (model.pth, training state, history) and start from "
@@ -318,6 +322,8 @@ def _config(args: argparse.Namespace, decoder_only: bool, augment: bool):
         value = getattr(args, name, 0.0)
         if not 0.0 <= value <= 1.0:
             raise CliError(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}.")
+    if args.processes < 1:
+        raise CliError(f"--processes must be at least 1, got {args.processes}.")
     warmup = args.warmup_steps if args.warmup_steps is not None else min(100, max(1, args.steps // 10))
     if warmup < 1:
         raise CliError(f"--warmup-steps must be at least 1, got {warmup}.")
@@ -327,7 +333,7 @@ def _config(args: argparse.Namespace, decoder_only: bool, augment: bool):
         decoder_only=decoder_only, precision=args.precision, seed=args.seed,
         checkpoint_every=args.checkpoint_every, min_object_area=args.min_object_area, augment=augment,
         distractor_probability=args.distractor_probability, iou_head_only=args.iou_head_only,
-        torch_compile=args.compile,
+        torch_compile=args.compile, processes=args.processes,
     )
 
 

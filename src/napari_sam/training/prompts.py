@@ -33,10 +33,14 @@ def sample_points_in(masks: torch.Tensor, generator: torch.Generator) -> torch.T
         Kx2 float32 (x, y) pixel coordinates.
     """
     count, height, width = masks.shape
-    weights = masks.reshape(count, -1).float()
-    empty = weights.sum(1) == 0
-    weights[empty] = 1.0
-    index = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    flat = masks.reshape(count, -1)
+    empty = ~flat.any(1)
+    flat = torch.where(empty[:, None], True, flat)  # an empty mask draws from the whole image
+    running = flat.cumsum(1, dtype=torch.int32)  # running[i, j]: pixels of mask i up to index j
+    sizes = running[:, -1]
+    # the k-th pixel of each mask, k uniform in 0..size-1: the first index whose running count exceeds k
+    k = (torch.rand(count, generator=generator) * sizes).long().clamp(max=sizes.long() - 1)
+    index = torch.searchsorted(running, (k + 1).to(torch.int32).unsqueeze(1)).squeeze(1)
     points = torch.stack([(index % width).float(), torch.div(index, width, rounding_mode="floor").float()], 1)
     points[empty] = torch.tensor([width / 2, height / 2])
     return points
