@@ -224,6 +224,27 @@ def test_training_step_lowers_loss_on_fixed_batch():
     assert history[-1] < 0.7 * history[0], history
 
 
+@pytest.mark.parametrize("fraction, sizes", [(1.0, [8, 8, 8]), (0.5, [8, 4, 4]), (0.01, [8, 1, 1])])
+def test_corrective_fraction_sends_a_share_of_the_objects_to_the_later_rounds(fraction, sizes):
+    model = tiny_model().train()
+    prepared = [prepare(model, image, labels) for image, labels in SyntheticData(seed=0).batch(0, 2)]
+    inputs, labels = torch.stack([p[0] for p in prepared]), [p[1] for p in prepared]
+    own = StepFunctions.for_model(model)
+    seen = []
+
+    def counting_predict_masks(embeddings, *args):
+        seen.append(len(embeddings))
+        return own.predict_masks(embeddings, *args)
+
+    functions = dataclasses.replace(own, predict_masks=counting_predict_masks)
+    config = TrainConfig(objects_per_image=4, iterations=3, min_object_area=4, corrective_fraction=fraction)
+    loss, result = training_step(model, model.image_encoder(inputs), labels, config, torch.Generator().manual_seed(0),
+                                 "point", functions=functions)
+    assert seen == sizes and result.objects == 8 and torch.isfinite(loss)
+    loss.backward()
+    assert model.mask_decoder.iou_token.weight.grad.abs().sum() > 0
+
+
 def test_compiled_training_matches_eager(tmp_path, monkeypatch):
     """torch_compile=True runs the compiled encoder, decoder and loss, with the eager losses.
 

@@ -89,6 +89,10 @@ class TrainConfig:
             takes 0.8 of the eager time (``benchmarks/bench_training_step.py``). Losses and
             weights agree with an eager run's to rounding error, not to the bit. The
             IoU-head calibration (``iou_head_only``) always runs eagerly.
+        corrective_fraction: share of each step's prompted objects (drawn at random, at
+            least one) that go on to the corrective rounds after the first prompt. 1 (the
+            recipe) corrects every object; less makes a step cheaper, since the mask decoder
+            runs once per object and round.
         processes: data-parallel processes on this machine (CPU only; see
             :mod:`~napari_sam.training.parallel`). Each takes ``images_per_step / processes``
             images of every batch and draws its own prompts; the gradients are combined so
@@ -120,6 +124,7 @@ class TrainConfig:
     iou_head_only: bool = False
     torch_compile: bool = False
     processes: int = 1
+    corrective_fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -399,13 +404,21 @@ def training_step(
         if round_index + 1 < config.iterations:
             previous = low_res[rows, best].unsqueeze(1).detach()
             predicted = (upscaled[rows, best] > 0).detach().cpu()
+            if round_index == 0 and config.corrective_fraction < 1.0:
+                keep = torch.randperm(count, generator=generator)[:max(1, round(config.corrective_fraction * count))]
+                keep = keep.sort().values
+                count = len(keep)
+                target, object_embeddings, previous = target[keep], object_embeddings[keep], previous[keep]
+                predicted, points, point_labels = predicted[keep], points[keep], point_labels[keep]
+                if boxes is not None:
+                    boxes = boxes[keep]
             new_points, new_labels = corrective_points(predicted, target.cpu(), generator)
             points = torch.cat([points, new_points.unsqueeze(1)], 1)
             point_labels = torch.cat([point_labels, new_labels.unsqueeze(1)], 1)
     loss = (total_mask + total_iou) / config.iterations
     result = StepResult(
         float(loss.detach()), float(total_mask.detach()) / config.iterations, float(total_iou.detach()) / config.iterations,
-        float(last_iou.mean()), count,
+        float(last_iou.mean()), len(owner),
     )
     return loss, result
 
