@@ -47,11 +47,16 @@ finished phase is not trained again. When done, the weights are copied to
 is given.
 
     python scripts/train_small_model.py [--out runs/vit_small] [--no-install] [--untied] [--scale F] [--compile]
+        [--lr-scale F] [--corrective-fraction F] [--until PHASE]
 
 ``--scale F`` multiplies every phase's number of steps by ``F`` (warm-up lengths stay),
 for measuring how the quality grows with training compute; use another ``--out`` and
 ``--no-install`` with it. ``--scale 0.5 --until phase3`` is the half-budget point of the
 README's scaling check.
+
+``--lr-scale F`` multiplies every phase's learning rate and ``--corrective-fraction F``
+sends only that share of each step's objects to the corrective round, for the README's
+learning-rate and step-cost comparisons; both need ``--no-install``.
 
 ``--untied`` runs the same phases from the untied initialisation (SAM's). With phase 2 at
 900 steps and no phase 4 it gave the weights shipped before the tied ones (xxh128
@@ -102,14 +107,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="multiply every phase's steps by this factor (scaling checks; default 1)")
     parser.add_argument("--compile", action="store_true",
                         help="run phases 1-3 through torch.compile (TrainConfig.torch_compile; needs a C++ compiler): "
-                        "about 0.8 of the eager step time after a minute or two of compiling")
+                        "0.8 to 0.9 of the eager step time after a minute or two of compiling")
+    parser.add_argument("--lr-scale", type=float, default=1.0,
+                        help="multiply every phase's learning rate by this factor (comparisons only; default 1)")
+    parser.add_argument("--corrective-fraction", type=float, default=1.0,
+                        help="share of each step's objects that get the corrective round (TrainConfig."
+                        "corrective_fraction; comparisons only; default 1, the recipe)")
     parser.add_argument("--until", choices=[name for name, _, _ in PHASES], default=PHASES[-1][0],
                         help="stop after this phase (default: the last)")
     args = parser.parse_args(argv)
     if args.scale <= 0:
         parser.error(f"--scale must be positive, got {args.scale}")
-    if (args.scale != 1.0 or args.until != PHASES[-1][0]) and not args.no_install:
-        parser.error("--scale and --until make a model for comparison only: add --no-install")
+    if not 0.0 < args.corrective_fraction <= 1.0:
+        parser.error(f"--corrective-fraction must be in (0, 1], got {args.corrective_fraction}")
+    changed = args.scale != 1.0 or args.until != PHASES[-1][0] or args.lr_scale != 1.0 or args.corrective_fraction != 1.0
+    if changed and not args.no_install:
+        parser.error("--scale, --until, --lr-scale and --corrective-fraction make a model for comparison only: "
+                     "add --no-install")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -118,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         tie_cross_attention=not args.untied,
     )
     for name, config, data in PHASES:
-        config = replace(config, steps=max(1, round(config.steps * args.scale)), torch_compile=args.compile)
+        config = replace(config, steps=max(1, round(config.steps * args.scale)), torch_compile=args.compile,
+                         lr=config.lr * args.lr_scale)
+        if not config.iou_head_only:
+            config = replace(config, corrective_fraction=args.corrective_fraction)
         started = time.perf_counter()
         train(model, data, config, out / name, log_every=10)
         print(f"{name}: {config.steps} steps; this call {(time.perf_counter() - started) / 60:.1f} min", flush=True)

@@ -12,6 +12,7 @@ import socket
 import numpy as np
 import pooch
 import pytest
+import torch
 from skimage.draw import ellipse
 
 from napari_sam import SamPredictor, checkpoints
@@ -105,13 +106,18 @@ def test_training_script_scale_and_until_run_shortened_phases_and_never_install(
     with pytest.raises(SystemExit):  # a shortened run must not replace the shipped weights
         script.main(["--scale", "0.5", "--out", str(tmp_path / "refused")])
     assert "make a model for comparison only: add --no-install" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main(["--lr-scale", "0.6", "--out", str(tmp_path / "refused")])
+    assert "add --no-install" in capsys.readouterr().err
     status = script.main(["--scale", "0.002", "--until", "phase2", "--no-install", "--threads", "1",
-                          "--out", str(tmp_path / "tiny")])
+                          "--lr-scale", "0.5", "--corrective-fraction", "0.5", "--out", str(tmp_path / "tiny")])
     assert status == 0
     out = capsys.readouterr().out
     # 1600 and 750 steps scaled by 0.002, rounded; phase 3 never starts
     assert "phase1: 3 steps" in out and "phase2: 2 steps" in out and "phase3" not in out
     assert (tmp_path / "tiny" / "phase2" / "model.pth").is_file()
+    saved = torch.load(tmp_path / "tiny" / "phase2" / "training_state.pt", weights_only=False)["config"]
+    assert saved["lr"] == pytest.approx(0.5 * script.PHASES[1][1].lr) and saved["corrective_fraction"] == 0.5
     assert not (tmp_path / "tiny" / "phase3").exists()
     assert SMALL_MODEL_FILE.stat().st_mtime_ns == before
     assert not (tmp_path / "refused").exists()

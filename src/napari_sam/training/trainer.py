@@ -86,7 +86,9 @@ class TrainConfig:
             :func:`training_step` through ``torch.compile`` (:class:`StepFunctions`; needs
             a C++ compiler on CPU). The first steps take a minute or more longer while the
             kernels are compiled; after that a ``vit_small`` step with bf16 on 2 CPU cores
-            takes 0.8 of the eager time (``benchmarks/bench_training_step.py``). Losses and
+            takes 0.8 of the eager time from the shipped weights
+            (``benchmarks/bench_training_step.py``) and about 0.9 in a run from scratch
+            (2.0 s against 2.18 s per step; see the README). Losses and
             weights agree with an eager run's to rounding error, not to the bit. The
             IoU-head calibration (``iou_head_only``) always runs eagerly.
         corrective_fraction: share of each step's prompted objects (drawn at random, at
