@@ -224,6 +224,21 @@ def test_training_step_lowers_loss_on_fixed_batch():
     assert history[-1] < 0.7 * history[0], history
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(corrective_fraction=0.0), "corrective_fraction must be in \\(0, 1\\], got 0.0"),
+    (dict(corrective_fraction=1.5), "corrective_fraction must be in"),
+    (dict(distractor_probability=-0.1), "distractor_probability must be between 0 and 1"),
+    (dict(processes=0), "processes must be at least 1, got 0"),
+    (dict(iterations=0), "iterations must be at least 1"),
+    (dict(precision="fp16"), "precision must be 'fp32' or 'bf16'"),
+])
+def test_train_config_refuses_settings_out_of_range(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)
+    with pytest.raises(ValueError, match=message):  # also when derived from a valid one
+        dataclasses.replace(TrainConfig(), **settings)
+
+
 @pytest.mark.parametrize("fraction, sizes", [(1.0, [8, 8, 8]), (0.5, [8, 4, 4]), (0.01, [8, 1, 1])])
 def test_corrective_fraction_sends_a_share_of_the_objects_to_the_later_rounds(fraction, sizes):
     model = tiny_model().train()
@@ -686,13 +701,14 @@ def test_cli_finetune_end_to_end(small_checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["finetune", str(out), "--images", str(images), "--labels", str(labels), "--model", str(small_checkpoint),
             "--decoder-only", "--steps", "2", "--images-per-step", "2", "--objects-per-image", "3",
-            "--iterations", "2", "--lr", "1e-3", "--threads", "1"]
+            "--iterations", "2", "--lr", "1e-3", "--threads", "1", "--corrective-fraction", "0.5"]
     assert train_cli(argv) == 0
     captured = capsys.readouterr()
     assert str(out / "model.pth") in captured.out
     assert "training" in captured.err  # the tqdm bar
     run = json.loads((out / "run.json").read_text())
     assert run["command"] == "finetune" and len(run["images"]) == 2 and run["config"]["decoder_only"] is True
+    assert run["config"]["corrective_fraction"] == 0.5
     model = napari_sam.build_sam(str(out / "model.pth"), device="cpu")
     original = torch.load(small_checkpoint, map_location="cpu", weights_only=True)
     state = model.state_dict()
@@ -751,6 +767,8 @@ def test_cli_rejects_bad_label_images(small_checkpoint, tmp_path, capsys):
     assert "--occlusion-probability must be between 0 and 1" in capsys.readouterr().err
     assert train_cli(base + both + ["--processes", "0"]) == 2
     assert "--processes must be at least 1, got 0" in capsys.readouterr().err
+    assert train_cli(base + both + ["--corrective-fraction", "0"]) == 2
+    assert "--corrective-fraction must be in (0, 1], got 0.0" in capsys.readouterr().err
     assert not out.exists(), "nothing is written when the inputs are refused"
 
 

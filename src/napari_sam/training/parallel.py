@@ -98,7 +98,8 @@ class Replica:
         offset = 0
         for parameter in parameters:
             size = parameter.numel()
-            parameter.grad = flat[offset:offset + size].view_as(parameter).to(parameter.dtype).clone()
+            # for float32 parameters the gradients are views of the one summed buffer (no copy)
+            parameter.grad = flat[offset:offset + size].view_as(parameter).to(parameter.dtype)
             offset += size
 
     def combine(self, result: "StepResult") -> "StepResult":

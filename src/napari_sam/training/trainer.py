@@ -128,6 +128,17 @@ class TrainConfig:
     processes: int = 1
     corrective_fraction: float = 1.0
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.corrective_fraction <= 1.0:
+            raise ValueError(f"corrective_fraction must be in (0, 1], got {self.corrective_fraction}.")
+        if not 0.0 <= self.distractor_probability <= 1.0:
+            raise ValueError(f"distractor_probability must be between 0 and 1, got {self.distractor_probability}.")
+        for name in ("images_per_step", "objects_per_image", "iterations", "processes", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}.")
+
 
 @dataclass(frozen=True)
 class StepFunctions:
