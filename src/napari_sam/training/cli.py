@@ -97,8 +97,7 @@ def _add_training_options(parser: argparse.ArgumentParser, *, steps: int, lr: fl
                        "default: 0).")
     group.add_argument("--corrective-fraction", type=float, default=1.0,
                        help="Share of each step's prompted objects (drawn at random) that go on to the corrective "
-                       "rounds; less makes a step cheaper (not in SAM's recipe; default: 1, every object; the "
-                       "bundled vit_small uses 0.25).")
+                       "rounds; less makes a step cheaper (not in SAM's recipe; default: 1, every object).")
     group.add_argument("--iou-head-only", action="store_true",
                        help="Calibrate only the IoU prediction head (every other weight frozen, so masks do not "
                        "change) on prompts like automatic mask generation's: --objects-per-image points per image "

@@ -107,6 +107,11 @@ class TrainConfig:
             bandwidth. It is meant for machines with more cores than one process keeps
             busy. A run's prompts, and so its weights, differ from a 1-process run's; a
             resumed run continues with the same number of processes.
+
+    Raises:
+        ValueError: a setting out of range (``corrective_fraction`` outside (0, 1],
+            ``distractor_probability`` outside [0, 1], a count below 1, an unknown
+            ``precision``), also when made by ``dataclasses.replace``.
     """
 
     steps: int = 1000
