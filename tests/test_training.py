@@ -230,6 +230,9 @@ def test_training_step_lowers_loss_on_fixed_batch():
     (dict(distractor_probability=-0.1), "distractor_probability must be between 0 and 1"),
     (dict(processes=0), "processes must be at least 1, got 0"),
     (dict(iterations=0), "iterations must be at least 1"),
+    (dict(steps=0), "steps must be at least 1"),
+    (dict(warmup_steps=-1), "warmup_steps must be at least 0"),
+    (dict(lr=0.0), "lr must be positive"),
     (dict(precision="fp16"), "precision must be 'fp32' or 'bf16'"),
 ])
 def test_train_config_refuses_settings_out_of_range(settings, message):
@@ -769,6 +772,10 @@ def test_cli_rejects_bad_label_images(small_checkpoint, tmp_path, capsys):
     assert "--processes must be at least 1, got 0" in capsys.readouterr().err
     assert train_cli(base + both + ["--corrective-fraction", "0"]) == 2
     assert "--corrective-fraction must be in (0, 1], got 0.0" in capsys.readouterr().err
+    assert train_cli(base + both + ["--steps", "0"]) == 2
+    assert "--steps must be at least 1, got 0" in capsys.readouterr().err
+    assert train_cli(base + both + ["--lr", "0"]) == 2
+    assert "--lr must be positive, got 0.0" in capsys.readouterr().err
     assert not out.exists(), "nothing is written when the inputs are refused"
 
 

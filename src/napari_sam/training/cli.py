@@ -316,30 +316,22 @@ def _write_json_atomic(path: Path, value: Any) -> None:
 def _config(args: argparse.Namespace, decoder_only: bool, augment: bool):
     from .trainer import TrainConfig
 
-    for name in ("steps", "images_per_step", "objects_per_image", "iterations", "checkpoint_every"):
-        if getattr(args, name) < 1:
-            raise CliError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
-    if args.lr <= 0:
-        raise CliError(f"--lr must be positive, got {args.lr}.")
-    for name in ("distractor_probability", "occlusion_probability"):
-        value = getattr(args, name, 0.0)
-        if not 0.0 <= value <= 1.0:
-            raise CliError(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}.")
-    if not 0.0 < args.corrective_fraction <= 1.0:
-        raise CliError(f"--corrective-fraction must be in (0, 1], got {args.corrective_fraction}.")
-    if args.processes < 1:
-        raise CliError(f"--processes must be at least 1, got {args.processes}.")
+    occlusion = getattr(args, "occlusion_probability", 0.0)  # a setting of the synthetic data (scratch only)
+    if not 0.0 <= occlusion <= 1.0:
+        raise CliError(f"--occlusion-probability must be between 0 and 1, got {occlusion}.")
     warmup = args.warmup_steps if args.warmup_steps is not None else min(100, max(1, args.steps // 10))
-    if warmup < 1:
-        raise CliError(f"--warmup-steps must be at least 1, got {warmup}.")
-    return TrainConfig(
-        steps=args.steps, images_per_step=args.images_per_step, objects_per_image=args.objects_per_image,
-        iterations=args.iterations, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=warmup,
-        decoder_only=decoder_only, precision=args.precision, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, min_object_area=args.min_object_area, augment=augment,
-        distractor_probability=args.distractor_probability, iou_head_only=args.iou_head_only,
-        torch_compile=args.compile, processes=args.processes, corrective_fraction=args.corrective_fraction,
-    )
+    try:
+        return TrainConfig(
+            steps=args.steps, images_per_step=args.images_per_step, objects_per_image=args.objects_per_image,
+            iterations=args.iterations, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=warmup,
+            decoder_only=decoder_only, precision=args.precision, seed=args.seed,
+            checkpoint_every=args.checkpoint_every, min_object_area=args.min_object_area, augment=augment,
+            distractor_probability=args.distractor_probability, iou_head_only=args.iou_head_only,
+            torch_compile=args.compile, processes=args.processes, corrective_fraction=args.corrective_fraction,
+        )
+    except ValueError as error:  # TrainConfig checks the ranges; its message starts with the setting's name
+        setting, _, rest = str(error).partition(" ")
+        raise CliError(f"--{setting.replace('_', '-')} {rest}") from None
 
 
 class _ProgressBar:

@@ -110,8 +110,10 @@ class TrainConfig:
 
     Raises:
         ValueError: a setting out of range (``corrective_fraction`` outside (0, 1],
-            ``distractor_probability`` outside [0, 1], a count below 1, an unknown
-            ``precision``), also when made by ``dataclasses.replace``.
+            ``distractor_probability`` outside [0, 1], a count of steps, images, objects,
+            rounds or processes below 1, a negative ``warmup_steps``, a ``lr`` not above
+            0, an unknown ``precision``), also when made by ``dataclasses.replace``. The
+            message starts with the setting's name.
     """
 
     steps: int = 1000
@@ -138,9 +140,13 @@ class TrainConfig:
             raise ValueError(f"corrective_fraction must be in (0, 1], got {self.corrective_fraction}.")
         if not 0.0 <= self.distractor_probability <= 1.0:
             raise ValueError(f"distractor_probability must be between 0 and 1, got {self.distractor_probability}.")
-        for name in ("images_per_step", "objects_per_image", "iterations", "processes", "checkpoint_every"):
+        for name in ("steps", "images_per_step", "objects_per_image", "iterations", "processes", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be at least 0, got {self.warmup_steps}.")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}.")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}.")
 
