@@ -202,6 +202,38 @@ def test_mask_iou_hand_example():
 
 
 # --------------------------------------------------------------------------- training
+@pytest.mark.parametrize("rel_pos_zero_init", [True, False])
+def test_training_attention_matches_the_reference_with_gradients(rel_pos_zero_init):
+    """The training branch folds the relative-position terms into the queries and keys
+    (``attention_with_rel_pos_keys``); on a non-square grid, so that rows and columns
+    cannot be swapped unnoticed, its output and every gradient equal the reference's
+    dense-bias attention."""
+    reference_attention = pytest.importorskip("segment_anything.modeling.image_encoder").Attention
+    from napari_sam.modeling.image_encoder import Attention
+
+    grid, dim, heads = (5, 7), 32, 2
+    torch.manual_seed(0)
+    ours = Attention(dim, heads, use_rel_pos=True, rel_pos_zero_init=rel_pos_zero_init, input_size=grid)
+    reference = reference_attention(dim, heads, use_rel_pos=True, input_size=grid)
+    with torch.no_grad():
+        for parameter in ours.parameters():
+            parameter.normal_(0, 0.3)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(3, *grid, dim)
+    outputs, gradients = [], []
+    for module in (ours, reference):
+        leaf = x.clone().requires_grad_()
+        out = module(leaf)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outputs.append(out.detach())
+        gradients.append([leaf.grad] + [p.grad for p in module.parameters()])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    assert gradients[0][1:] and all(g is not None for g in gradients[0])
+    for ours_grad, reference_grad in zip(*gradients):  # float32 rounding, relative to each gradient's size
+        scale = float(reference_grad.abs().max())
+        torch.testing.assert_close(ours_grad, reference_grad, rtol=1e-4, atol=1e-5 * scale)
+
+
 def test_training_step_lowers_loss_on_fixed_batch():
     model = tiny_model().train()
     pairs = SyntheticData(seed=0).batch(0, 2)
