@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -319,13 +320,34 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch):
               tmp_path / str(compiled), progress=lambda step, total, result: losses_seen.append(result.loss))
         runs[compiled] = losses_seen
     assert len(runs[True]) == 2 and runs[True][0] != runs[True][1]  # the weights moved
-    assert compile_calls == [{}, {"dynamic": True}, {"dynamic": True}]  # encoder, decoder, loss; eager run: none
+    assert compile_calls == [{}, {}, {}]  # encoder, decoder, loss (automatic dynamic shapes); eager run: none
     # same data, prompts and weights: the same losses up to the compiled kernels' rounding
     np.testing.assert_allclose(runs[True], runs[False], rtol=1e-3)
     model = tiny_model()
     functions = StepFunctions.for_model(model, compiled=True)
     assert functions.encode is not model.image_encoder and functions.mask_loss is not losses.mask_loss
     assert set(model.state_dict()) == set(tiny_model().state_dict())  # wrappers, the model is unchanged
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="needs a C++ compiler")
+def test_compiled_decoder_default_backend_follows_changing_object_counts():
+    """The decoder compiled by the default (inductor) backend, as ``--compile`` runs it, gives
+    the eager logits and IoU predictions for object counts that change from call to call
+    (with ``dynamic=True`` its code generation failed on torch 2.14)."""
+    model = tiny_model()
+    decoder = StepFunctions.for_model(model, compiled=True).predict_masks
+    image_pe = model.prompt_encoder.get_dense_pe()  # 1 x C x h x w, the embedding's shape
+    embedding = torch.randn(image_pe.shape, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(0)
+    for count, points in ((3, 1), (5, 2), (2, 3)):
+        coords = torch.rand((count, points, 2), generator=generator) * TINY_CONFIG.img_size
+        sparse, dense = model.prompt_encoder(points=(coords, torch.ones((count, points))), boxes=None, masks=None)
+        expected = model.mask_decoder.predict_masks(embedding.expand(count, -1, -1, -1), image_pe, sparse, dense)
+        got = decoder(embedding.expand(count, -1, -1, -1), image_pe, sparse, dense)
+        for a, b in zip(got, expected):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_data_parallel_step_is_the_object_weighted_mean_of_the_shares(tmp_path):

@@ -170,9 +170,12 @@ class StepFunctions:
         """The model's own modules (``compiled=False``) or their ``torch.compile`` versions.
 
         Compiling returns wrappers and leaves ``model`` and its state dict unchanged. The
-        decoder and the loss are compiled with dynamic shapes, since the number of prompted
-        objects and of points changes from step to step. Compilation itself happens at the
-        first call (a minute or more on CPU; it needs a C++ compiler).
+        number of prompted objects and of points changes from step to step: torch.compile's
+        automatic dynamic shapes compile the decoder and the loss once for the first shapes
+        and once more, with those sizes symbolic, when they first change. (Marking every
+        size dynamic up front, ``dynamic=True``, fails in the default backend's code
+        generation with torch 2.14.) Compilation itself happens at the first calls (minutes
+        on CPU; it needs a C++ compiler).
 
         Args:
             model: the SAM whose modules are used.
@@ -185,8 +188,8 @@ class StepFunctions:
             return cls(model.image_encoder, model.mask_decoder.predict_masks, mask_loss)
         return cls(
             torch.compile(model.image_encoder),
-            torch.compile(model.mask_decoder.predict_masks, dynamic=True),
-            torch.compile(mask_loss, dynamic=True),
+            torch.compile(model.mask_decoder.predict_masks),
+            torch.compile(mask_loss),
         )
 
 
