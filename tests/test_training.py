@@ -591,6 +591,15 @@ def test_init_from_scratch_seed_fixes_all_initial_weights():
     assert not different, different
 
 
+def test_init_from_scratch_positional_encoding_scale_multiplies_the_fourier_matrix():
+    def matrix(scale):
+        model = init_from_scratch(build_sam_from_config(TINY_CONFIG), seed=0, positional_encoding_scale=scale)
+        return model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    base = matrix(1.0)
+    assert 0.5 < float(base.std()) < 1.5  # SAM's scale 1: standard normal
+    torch.testing.assert_close(matrix(3.0), 3.0 * base)
+
+
 def test_cli_scratch_is_reproducible(tmp_path):
     argv = ["--steps", "1", "--images-per-step", "1", "--objects-per-image", "2", "--iterations", "1",
             "--model-type", "vit_small", "--seed", "5"]
@@ -737,6 +746,27 @@ def test_synthetic_data_stream_and_kind_weights():
     image, labels = SyntheticData(seed=4, occlusion_probability=0.0).batch(7, 2)[1]
     direct = synthetic_image(np.random.default_rng([4, 7, 1]), occlusion=False)
     assert np.array_equal(image, direct.image) and np.array_equal(labels, direct.labels)
+
+
+def test_synthetic_data_shapes_restrict_the_shapes_kind():
+    from skimage.measure import regionprops
+
+    data = SyntheticData(seed=4, kind="shapes", shapes=("ellipse",), occlusion_probability=0.0)
+    pairs = data.batch(7, 3)
+    image, labels = pairs[1]
+    direct = synthetic_image(np.random.default_rng([4, 7, 1]), kind="shapes", shapes=("ellipse",), occlusion=False)
+    assert np.array_equal(image, direct.image) and np.array_equal(labels, direct.labels)
+    # ellipses that touch without overlapping stay (nearly) convex; the default mix has crescents
+    solidity = [r.solidity for _, lab in pairs for r in regionprops(lab) if r.area >= 50]
+    assert solidity and min(solidity) > 0.85
+    # other kinds drawn by kind_weights are unaffected
+    nuclei = SyntheticData(seed=4, kind_weights={"nuclei": 1.0}, shapes=("ellipse",)).batch(7, 2)
+    plain = SyntheticData(seed=4, kind="nuclei").batch(7, 2)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(nuclei, plain))
+    with pytest.raises(ValueError, match="kind='shapes' or kind_weights"):
+        SyntheticData(shapes=("ellipse",))
+    with pytest.raises(ValueError, match="non-empty choice"):
+        SyntheticData(kind="shapes", shapes=("square",))
 
 
 # --------------------------------------------------------------------------- CLI

@@ -83,8 +83,8 @@ def _add_training_options(parser: argparse.ArgumentParser, *, steps: int, lr: fl
                        help="fp32, or bf16 autocast for the forward pass (faster on recent CPUs and GPUs).")
     group.add_argument("--compile", action="store_true",
                        help="Run the image encoder, mask decoder and mask loss through torch.compile (needs a C++ "
-                       "compiler on CPU): a minute or more of compiling first, then faster steps (0.8 to 0.9 of the "
-                       "time for vit_small with bf16 on 2 CPU cores). Worth it for runs of hundreds of steps.")
+                       "compiler on CPU): about two minutes of compiling first, then somewhat faster steps (0.93 of the "
+                       "time for vit_small with bf16 on 2 CPU cores, torch 2.14). Worth it only for long runs.")
     group.add_argument("--seed", type=int, default=0, help="Seed of data, prompts and initial weights (default: 0).")
     group.add_argument("--checkpoint-every", type=int, default=50,
                        help="Steps between resumable training states (default: 50).")

@@ -44,7 +44,7 @@ from ..utils.transforms import ResizeLongestSide
 from .losses import best_object_iou, mask_iou, mask_loss
 from .parallel import Replica, run_data_parallel
 from .prompts import corrective_points, noisy_boxes, sample_points_in
-from .synthetic import synthetic_image
+from .synthetic import SHAPES, synthetic_image
 
 _logger = logging.getLogger(__name__)
 
@@ -84,11 +84,11 @@ class TrainConfig:
             points fall off objects (see :func:`iou_head_step`). ``iterations`` is ignored.
         torch_compile: run the image encoder, the mask decoder and the mask loss of
             :func:`training_step` through ``torch.compile`` (:class:`StepFunctions`; needs
-            a C++ compiler on CPU). The first steps take a minute or more longer while the
+            a C++ compiler on CPU). The first steps take about two minutes longer while the
             kernels are compiled; after that a ``vit_small`` step with bf16 on 2 CPU cores
-            takes 0.8 of the eager time from the shipped weights
-            (``benchmarks/bench_training_step.py``) and about 0.9 in a run from scratch
-            (2.0 s against 2.18 s per step; see the README). Losses and
+            takes 0.93 of the eager time from the shipped weights with torch 2.14
+            (``benchmarks/bench_training_step.py``: 2.20 s against 2.37 s; 0.80 with the
+            earlier torch and the encoder's former dense attention bias). Losses and
             weights agree with an eager run's to rounding error, not to the bit. The
             IoU-head calibration (``iou_head_only``) always runs eagerly.
         corrective_fraction: share of each step's prompted objects (drawn at random, at
@@ -217,12 +217,31 @@ class SyntheticData:
             covering an earlier one); otherwise they only touch (``synthetic_image(...,
             occlusion=False)``). Drawn per image from its own seed; at 1.0 (the default)
             nothing is drawn, so the stream is the one from before this option existed.
+        shapes: shape names that images of the "shapes" kind draw from, e.g. ``("star",
+            "crescent", "ellipse")``, those of the held-out sets (default: all four). It
+            needs ``kind="shapes"`` or ``kind_weights``, since otherwise the kind is drawn
+            inside :func:`~napari_sam.training.synthetic.synthetic_image`. The random
+            streams are the same; only the shapes drawn differ.
+
+    Raises:
+        ValueError: ``shapes`` with an unknown name, or without ``kind`` or ``kind_weights``.
     """
 
     seed: int = 0
     kind: Optional[str] = None
     kind_weights: Optional[dict[str, float]] = None
     occlusion_probability: float = 1.0
+    shapes: Optional[tuple[str, ...]] = None
+
+    def __post_init__(self) -> None:
+        if self.shapes is None:
+            return
+        unknown = sorted(set(self.shapes) - set(SHAPES))
+        if unknown or not self.shapes:
+            raise ValueError(f"shapes must be a non-empty choice of {sorted(SHAPES)}, got {self.shapes!r}.")
+        if self.kind is None and not self.kind_weights:
+            raise ValueError("shapes needs kind='shapes' or kind_weights: otherwise the kind is drawn inside "
+                             "synthetic_image and the shapes cannot be applied.")
 
     def batch(self, step: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
         return self.items(step, range(count))
@@ -240,7 +259,10 @@ class SyntheticData:
             occlusion = True
             if self.occlusion_probability < 1.0:
                 occlusion = bool(np.random.default_rng([self.seed, step, i, 2]).random() < self.occlusion_probability)
-            sample = synthetic_image(np.random.default_rng([self.seed, step, i]), kind=kind, occlusion=occlusion)
+            shapes = self.shapes if kind == "shapes" else None
+            sample = synthetic_image(
+                np.random.default_rng([self.seed, step, i]), kind=kind, occlusion=occlusion, shapes=shapes
+            )
             out.append((sample.image, sample.labels))
         return out
 
@@ -504,7 +526,9 @@ def iou_head_step(
 TIED_CROSS_ATTENTION_GAIN = 2.0
 
 
-def init_from_scratch(model: Sam, seed: int = 0, tie_cross_attention: bool = False) -> Sam:
+def init_from_scratch(
+    model: Sam, seed: int = 0, tie_cross_attention: bool = False, positional_encoding_scale: float = 1.0,
+) -> Sam:
     """Initialise every weight of ``model`` from ``seed`` for training from scratch (in place).
 
     Every layer gets PyTorch's default initialisation (``reset_parameters``), drawn after
@@ -514,6 +538,13 @@ def init_from_scratch(model: Sam, seed: int = 0, tie_cross_attention: bool = Fal
     Fourier matrix is redrawn (standard normal, SAM's scale 1); relative-position tables
     start at zero, as in SAM. (Truncated-normal std 0.02 for every linear layer was tried:
     the mask decoder then stays longer on the all-background plateau.)
+
+    ``positional_encoding_scale`` multiplies that Fourier matrix (SAM's ``scale``; 1 by
+    default). Larger values encode positions with higher spatial frequencies: the dot
+    product of two encodings falls off with their distance like a Gaussian of standard
+    deviation ``1 / (4 pi scale)`` of the input side, about 20 px for ``vit_small`` at 1
+    and 7 px at 3. With 3 the decoder was still on its all-background plateau after 260
+    steps, against about 120 at 1 (see the README), so the shipped model keeps 1.
 
     With ``tie_cross_attention`` (not in SAM), each cross-attention layer of the mask
     decoder (token to image, image to token) starts with its key projection equal to its
@@ -540,7 +571,7 @@ def init_from_scratch(model: Sam, seed: int = 0, tie_cross_attention: bool = Fal
             torch.nn.init.zeros_(block.attn.rel_pos_h)
             torch.nn.init.zeros_(block.attn.rel_pos_w)
     matrix = model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
-    matrix.copy_(torch.randn(matrix.shape))
+    matrix.copy_(torch.randn(matrix.shape) * positional_encoding_scale)
     if tie_cross_attention:
         transformer = model.mask_decoder.transformer
         cross = [transformer.final_attn_token_to_image]

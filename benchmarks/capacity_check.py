@@ -1,0 +1,178 @@
+"""Why the bundled ``vit_small`` misses the synthetic quality goals: four checks.
+
+Each check runs on held-out synthetic images of the kind the goals describe (stars,
+crescents and ellipses that touch, ``heldout_set(..., occlusion=False)``), never on the
+evaluation set (seed offset 0) of ``eval_small_model.py``:
+
+* ``ceiling``: a classical box-prompted segmentation with an oracle threshold, an upper
+  bound of what intensity alone gives on these images. Inside each object's tight box, the
+  image (grayscale mean of ``to_rgb_uint8``, Gaussian sigma 1 px) is thresholded at the
+  one of 40 quantiles and polarity that scores best against the ground truth; the component
+  holding the object's innermost pixel is kept and its holes filled. Second held-out set
+  (seed offset 1), 30 images.
+* ``box-margin``: the model's box IoU when the tight box is grown (or shrunk) by d px on
+  every side: whether the model reads the box edges or the image. Second held-out set, 15
+  images.
+* ``overfit``: the model trained further on 16 images alone (seed offset 5; the full
+  model, the recipe's prompts, learning rate 3e-4, 250 steps), scored on those same 16
+  images before and after: how far the architecture fits images it sees again and again.
+* ``eval-like``: the model trained further on images drawn like the goal's (kind
+  "shapes" with stars, crescents and ellipses only, 30 % with occlusion, the recipe's
+  phase-3 prompts, learning rate 1e-4, 300 steps), written to ``runs/eval_like/model.pth``
+  for ``eval_small_model.py --validation --amg-images 0 --checkpoint runs/eval_like/model.pth``;
+* ``iou-head``: the recipe's phase 4 (IoU-head calibration on automatic-mask prompts) run
+  for 300 more steps from the model, on a fresh stream (seed 11), written to
+  ``runs/iou_head/model.pth`` for ``eval_small_model.py --sweep-amg 10 --checkpoint ...``:
+  whether longer calibration ranks the automatic masks better.
+
+Usage::
+
+    python benchmarks/capacity_check.py ceiling|box-margin|overfit|eval-like|iou-head [--checkpoint PATH]
+
+``ceiling`` takes under a minute, ``box-margin`` a minute, ``overfit`` about 10 minutes,
+``eval-like`` about 11 minutes and ``iou-head`` about 9 minutes on 2 CPU threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from eval_small_model import MIN_OBJECT_AREA, evaluate_image, iou, summarise, tight_box  # noqa: E402
+
+from train_small_model import PHASES  # noqa: E402
+
+from napari_sam import SamPredictor  # noqa: E402
+from napari_sam.checkpoints import build_sam  # noqa: E402
+from napari_sam.training.synthetic import heldout_set  # noqa: E402
+from napari_sam.training.trainer import AnnotatedImages, SyntheticData, TrainConfig, train  # noqa: E402
+from napari_sam.utils.image import to_rgb_uint8  # noqa: E402
+
+BOX_MARGINS = (-4, -2, 0, 2, 4, 8)
+SIZE_BINS = ((25, 300), (300, 1000), (1000, 3000), (3000, 10**6))
+
+
+def objects_of(labels: np.ndarray) -> list[np.ndarray]:
+    masks = [labels == index for index in range(1, int(labels.max()) + 1)]
+    return [mask for mask in masks if mask.sum() >= MIN_OBJECT_AREA]
+
+
+def oracle_threshold_iou(gray: np.ndarray, mask: np.ndarray) -> float:
+    """Best IoU of a thresholded box crop (see the module docstring) with ``mask``."""
+    ys, xs = np.nonzero(mask)
+    crop = gray[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    target = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    inner = np.unravel_index(int(np.argmax(ndimage.distance_transform_edt(target))), target.shape)
+    best = 0.0
+    for threshold in np.unique(np.quantile(crop, np.linspace(0.02, 0.98, 40))):
+        for foreground in (crop > threshold, crop < threshold):
+            components, _ = ndimage.label(foreground)
+            if components[inner] == 0:
+                continue
+            found = ndimage.binary_fill_holes(components == components[inner])
+            best = max(best, iou(found, target))
+    return best
+
+
+def ceiling() -> None:
+    scores, areas = [], []
+    for sample in heldout_set(30, seed=1, occlusion=False):
+        gray = ndimage.gaussian_filter(to_rgb_uint8(sample.image).astype(np.float32).mean(-1), 1.0)
+        for mask in objects_of(sample.labels):
+            scores.append(oracle_threshold_iou(gray, mask))
+            areas.append(mask.sum())
+    scores, areas = np.array(scores), np.array(areas)
+    print(f"box + oracle threshold: mean IoU {scores.mean():.3f} over {len(scores)} objects")
+    for low, high in SIZE_BINS:
+        inside = (areas >= low) & (areas < high)
+        print(f"  {low}-{high} px: {scores[inside].mean():.3f} ({inside.sum()})")
+
+
+def box_margin(checkpoint: str) -> None:
+    predictor = SamPredictor(build_sam(checkpoint, device="cpu"))
+    scores: dict[int, list[float]] = {d: [] for d in BOX_MARGINS}
+    for sample in heldout_set(15, seed=1, occlusion=False):
+        predictor.set_image(sample.image)
+        for mask in objects_of(sample.labels):
+            box = tight_box(mask)
+            for d in BOX_MARGINS:
+                masks, _, _ = predictor.predict(box=box + np.array([-d, -d, d, d], np.float32), multimask_output=False)
+                scores[d].append(iou(masks[0], mask))
+    print(f"box IoU by margin (px) on {len(scores[0])} objects: "
+          + ", ".join(f"{d:+d}: {np.mean(v):.3f}" for d, v in scores.items()))
+
+
+def overfit(checkpoint: str, out: Path) -> None:
+    samples = heldout_set(16, seed=5, occlusion=False)
+    model = build_sam(checkpoint, device="cpu")
+
+    def score() -> str:
+        predictor, merged = SamPredictor(model), {}
+        for sample in samples:
+            for name, values in evaluate_image(predictor, sample.image, sample.labels).items():
+                merged.setdefault(name, []).extend(values)
+        result = summarise(merged)
+        return f"point {result['point']:.3f}, box {result['box']:.3f}"
+
+    print("before, on the 16 training images:", score(), flush=True)
+    config = TrainConfig(steps=250, lr=3e-4, warmup_steps=10, seed=3, images_per_step=4, objects_per_image=10,
+                         iterations=2, weight_decay=0.0, precision="bf16", checkpoint_every=50)
+    data = AnnotatedImages([s.image for s in samples], [s.labels for s in samples], seed=3)
+    train(model, data, config, out, log_every=25)
+    print("after 250 steps, on the same images:", score())
+
+
+def eval_like(checkpoint: str, out: Path) -> None:
+    model = build_sam(checkpoint, device="cpu")
+    config = TrainConfig(steps=300, lr=1e-4, warmup_steps=10, seed=7, images_per_step=4, objects_per_image=10,
+                         iterations=2, weight_decay=0.05, precision="bf16", checkpoint_every=25,
+                         distractor_probability=0.5)
+    data = SyntheticData(seed=7, kind="shapes", shapes=("star", "crescent", "ellipse"), occlusion_probability=0.3)
+    train(model, data, config, out, log_every=10)
+    print(f"wrote {out / 'model.pth'}; score it with: python benchmarks/eval_small_model.py --validation "
+          f"--amg-images 0 --checkpoint {out / 'model.pth'}")
+
+
+def iou_head(checkpoint: str, out: Path) -> None:
+    name, config, data = PHASES[-1]
+    assert config.iou_head_only, name
+    model = build_sam(checkpoint, device="cpu")
+    train(model, dataclasses.replace(data, seed=11), dataclasses.replace(config, steps=300, seed=11), out, log_every=25)
+    print(f"wrote {out / 'model.pth'}; sweep it with: python benchmarks/eval_small_model.py --sweep-amg 10 "
+          f"--checkpoint {out / 'model.pth'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("check", choices=("ceiling", "box-margin", "overfit", "eval-like", "iou-head"))
+    parser.add_argument("--checkpoint", default="vit_small", help="model weights (default: the bundled vit_small)")
+    parser.add_argument("--out", default=None, help="run folder of overfit / eval-like (default: runs/<check>)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    out = Path(args.out or f"runs/{args.check.replace('-', '_')}")
+    if args.check == "ceiling":
+        ceiling()
+    elif args.check == "box-margin":
+        box_margin(args.checkpoint)
+    elif args.check == "overfit":
+        overfit(args.checkpoint, out)
+    elif args.check == "eval-like":
+        eval_like(args.checkpoint, out)
+    else:
+        iou_head(args.checkpoint, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
