@@ -93,10 +93,13 @@ def assert_same_records(ours: list[dict], ref: list[dict]) -> None:
 
     Neither implementation is bit-exact against the other (float32 rounding differs from
     the image encoder on, ~1e-6 relative), so a pixel whose logit lies within that of 0 can
-    flip: areas may differ by such pixels, within the mask-IoU bound, in a few records.
+    flip: areas may differ by such pixels, within the mask-IoU bound, in a few records. How
+    many records that touches depends on the torch build (with torch 2.14, 11 of 192 relaxed
+    truck records differ, each by one pixel of 26,000 to 86,000), so the bound is on the
+    flipped pixels over all records: at most 1e-5 of their union (measured: 9e-7).
     """
     assert len(ours) == len(ref)
-    area_equal = 0
+    flipped, total = 0, 0
     for index, (a, b) in enumerate(zip(ours, ref)):
         assert set(a) == set(b)
         assert type(a["segmentation"]) is type(b["segmentation"])
@@ -108,14 +111,15 @@ def assert_same_records(ours: list[dict], ref: list[dict]) -> None:
         iou = np.logical_and(mask_a, mask_b).sum() / union if union else 1.0
         assert iou >= 0.999, f"record {index}: mask IoU {iou}"
         assert abs(a["area"] - b["area"]) <= max(1, 1e-3 * union), (index, a["area"], b["area"])
-        area_equal += a["area"] == b["area"]
+        flipped += int(np.logical_xor(mask_a, mask_b).sum())
+        total += int(union)
         assert a["bbox"] == b["bbox"], index
         assert a["crop_box"] == b["crop_box"], index
         assert a["point_coords"] == b["point_coords"], index
         assert _close(a["predicted_iou"], b["predicted_iou"]), index
         assert _close(a["stability_score"], b["stability_score"]), index
         assert isinstance(a["area"], int) and all(isinstance(v, int) for v in a["bbox"] + a["crop_box"])
-    assert area_equal >= 0.95 * len(ref), f"only {area_equal} of {len(ref)} areas equal"
+    assert flipped <= 1e-5 * max(total, 1), f"{flipped} of {total} mask pixels differ"
 
 
 def _run_both(models, image, **kwargs):
