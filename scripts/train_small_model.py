@@ -47,7 +47,7 @@ finished phase is not trained again. When done, the weights are copied to
 is given.
 
     python scripts/train_small_model.py [--out runs/vit_small] [--no-install] [--untied] [--scale F] [--compile]
-        [--lr-scale F] [--corrective-fraction F] [--until PHASE]
+        [--lr-scale F] [--corrective-fraction F] [--pe-scale F] [--until PHASE]
 
 ``--scale F`` multiplies every phase's number of steps by ``F`` (warm-up lengths stay),
 for measuring how the quality grows with training compute; use another ``--out`` and
@@ -56,7 +56,9 @@ README's scaling check.
 
 ``--lr-scale F`` multiplies every phase's learning rate and ``--corrective-fraction F``
 sends only that share of each step's objects to the corrective round, for the README's
-learning-rate and step-cost comparisons; both need ``--no-install``.
+learning-rate and step-cost comparisons, and ``--pe-scale F`` draws the prompt encoder's
+Fourier matrix with standard deviation ``F`` instead of SAM's 1 (the README's
+position-encoding trial); all three need ``--no-install``.
 
 ``--untied`` runs the same phases from the untied initialisation (SAM's). With phase 2 at
 900 steps and no phase 4 it gave the weights shipped before the tied ones (xxh128
@@ -123,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--scale must be positive, got {args.scale}")
     if not 0.0 < args.corrective_fraction <= 1.0:
         parser.error(f"--corrective-fraction must be in (0, 1], got {args.corrective_fraction}")
-    changed = args.scale != 1.0 or args.until != PHASES[-1][0] or args.lr_scale != 1.0 or args.corrective_fraction != 1.0 or args.pe_scale != 1.0
+    changed = (args.scale != 1.0 or args.until != PHASES[-1][0] or args.lr_scale != 1.0
+               or args.corrective_fraction != 1.0 or args.pe_scale != 1.0)
     if changed and not args.no_install:
-        parser.error("--scale, --until, --lr-scale and --corrective-fraction make a model for comparison only: "
-                     "add --no-install")
+        parser.error("--scale, --until, --lr-scale, --corrective-fraction and --pe-scale make a model for comparison "
+                     "only: add --no-install")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     out = Path(args.out)

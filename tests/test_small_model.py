@@ -106,9 +106,10 @@ def test_training_script_scale_and_until_run_shortened_phases_and_never_install(
     with pytest.raises(SystemExit):  # a shortened run must not replace the shipped weights
         script.main(["--scale", "0.5", "--out", str(tmp_path / "refused")])
     assert "make a model for comparison only: add --no-install" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        script.main(["--lr-scale", "0.6", "--out", str(tmp_path / "refused")])
-    assert "add --no-install" in capsys.readouterr().err
+    for option, value in (("--lr-scale", "0.6"), ("--pe-scale", "3")):
+        with pytest.raises(SystemExit):
+            script.main([option, value, "--out", str(tmp_path / "refused")])
+        assert "add --no-install" in capsys.readouterr().err
     status = script.main(["--scale", "0.002", "--until", "phase2", "--no-install", "--threads", "1",
                           "--lr-scale", "0.5", "--corrective-fraction", "0.5", "--out", str(tmp_path / "tiny")])
     assert status == 0

@@ -220,8 +220,8 @@ class SyntheticData:
         shapes: shape names that images of the "shapes" kind draw from, e.g. ``("star",
             "crescent", "ellipse")``, those of the held-out sets (default: all four). It
             needs ``kind="shapes"`` or ``kind_weights``, since otherwise the kind is drawn
-            inside :func:`~napari_sam.training.synthetic.synthetic_image`. The random
-            streams are the same; only the shapes drawn differ.
+            inside :func:`~napari_sam.training.synthetic.synthetic_image`. Image ``i``
+            of step ``s`` still depends only on (seed, s, i).
 
     Raises:
         ValueError: ``shapes`` with an unknown name, or without ``kind`` or ``kind_weights``.
