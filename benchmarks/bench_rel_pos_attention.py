@@ -39,8 +39,7 @@ TOKENS, SCALE = GRID * GRID, HEAD_DIM ** -0.5
 
 def dense_bias(q, k, v, rel_h, rel_w):
     rows, cols = rel_pos_terms(q, rel_h, rel_w, (GRID, GRID))
-    bias = (rows.unsqueeze(-1) + cols.unsqueeze(-2)).reshape(BATCH, TOKENS, TOKENS)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=SCALE)
+    return dense_bias_attention(q, k, v, rows, cols, (GRID, GRID), SCALE)
 
 
 def augmented(q, k, v, rel_h, rel_w):

@@ -1,4 +1,4 @@
-"""Why the bundled ``vit_small`` misses the synthetic quality goals: four checks.
+"""Why the bundled ``vit_small`` misses the synthetic quality goals: five checks.
 
 Each check runs on held-out synthetic images of the kind the goals describe (stars,
 crescents and ellipses that touch, ``heldout_set(..., occlusion=False)``), never on the
@@ -47,7 +47,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from eval_small_model import MIN_OBJECT_AREA, evaluate_image, iou, summarise, tight_box  # noqa: E402
+from eval_small_model import evaluate_images, ground_truth_objects, iou, tight_box  # noqa: E402
 
 from train_small_model import PHASES  # noqa: E402
 
@@ -59,11 +59,6 @@ from napari_sam.utils.image import to_rgb_uint8  # noqa: E402
 
 BOX_MARGINS = (-4, -2, 0, 2, 4, 8)
 SIZE_BINS = ((25, 300), (300, 1000), (1000, 3000), (3000, 10**6))
-
-
-def objects_of(labels: np.ndarray) -> list[np.ndarray]:
-    masks = [labels == index for index in range(1, int(labels.max()) + 1)]
-    return [mask for mask in masks if mask.sum() >= MIN_OBJECT_AREA]
 
 
 def oracle_threshold_iou(gray: np.ndarray, mask: np.ndarray) -> float:
@@ -87,7 +82,7 @@ def ceiling() -> None:
     scores, areas = [], []
     for sample in heldout_set(30, seed=1, occlusion=False):
         gray = ndimage.gaussian_filter(to_rgb_uint8(sample.image).astype(np.float32).mean(-1), 1.0)
-        for mask in objects_of(sample.labels):
+        for mask in ground_truth_objects(sample.labels):
             scores.append(oracle_threshold_iou(gray, mask))
             areas.append(mask.sum())
     scores, areas = np.array(scores), np.array(areas)
@@ -102,7 +97,7 @@ def box_margin(checkpoint: str) -> None:
     scores: dict[int, list[float]] = {d: [] for d in BOX_MARGINS}
     for sample in heldout_set(15, seed=1, occlusion=False):
         predictor.set_image(sample.image)
-        for mask in objects_of(sample.labels):
+        for mask in ground_truth_objects(sample.labels):
             box = tight_box(mask)
             for d in BOX_MARGINS:
                 masks, _, _ = predictor.predict(box=box + np.array([-d, -d, d, d], np.float32), multimask_output=False)
@@ -116,11 +111,7 @@ def overfit(checkpoint: str, out: Path) -> None:
     model = build_sam(checkpoint, device="cpu")
 
     def score() -> str:
-        predictor, merged = SamPredictor(model), {}
-        for sample in samples:
-            for name, values in evaluate_image(predictor, sample.image, sample.labels).items():
-                merged.setdefault(name, []).extend(values)
-        result = summarise(merged)
+        result = evaluate_images(SamPredictor(model), samples)
         return f"point {result['point']:.3f}, box {result['box']:.3f}"
 
     print("before, on the 16 training images:", score(), flush=True)
@@ -155,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("check", choices=("ceiling", "box-margin", "overfit", "eval-like", "iou-head"))
     parser.add_argument("--checkpoint", default="vit_small", help="model weights (default: the bundled vit_small)")
-    parser.add_argument("--out", default=None, help="run folder of overfit / eval-like (default: runs/<check>)")
+    parser.add_argument("--out", default=None, help="run folder of overfit, eval-like and iou-head (default: runs/<check>)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

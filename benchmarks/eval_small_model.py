@@ -113,14 +113,28 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
+def ground_truth_objects(labels: np.ndarray) -> list[np.ndarray]:
+    """HxW bool masks of the objects of a label image with at least ``MIN_OBJECT_AREA`` pixels, by id."""
+    masks = [labels == index for index in range(1, int(labels.max()) + 1)]
+    return [mask for mask in masks if mask.sum() >= MIN_OBJECT_AREA]
+
+
+def evaluate_images(predictor: SamPredictor, samples) -> dict[str, float]:
+    """:func:`summarise` of :func:`evaluate_image` over samples with ``image`` and ``labels``."""
+    merged: dict[str, list[float]] = {}
+    for sample in samples:
+        for name, values in evaluate_image(predictor, sample.image, sample.labels).items():
+            merged.setdefault(name, []).extend(values)
+    return summarise(merged)
+
+
 def evaluate_image(predictor: SamPredictor, image: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:
     """Per-object IoUs of the model and the baselines on one image."""
     predictor.set_image(image)
     scores: dict[str, list[float]] = {"point": [], "point + negative": [], "box": [], "filled box": [], "area": []}
     scores.update({f"disk {r}": [] for r in DISK_RADII})
     yy, xx = np.mgrid[0 : labels.shape[0], 0 : labels.shape[1]]
-    objects = [labels == index for index in range(1, int(labels.max()) + 1)]
-    objects = [mask for mask in objects if mask.sum() >= MIN_OBJECT_AREA]
+    objects = ground_truth_objects(labels)
     points = [prompt_point(mask) for mask in objects]
     for mask, (x, y) in zip(objects, points):
         scores["area"].append(float(mask.sum()))
@@ -145,8 +159,7 @@ def evaluate_image(predictor: SamPredictor, image: np.ndarray, labels: np.ndarra
 def object_mask_iou(labels: np.ndarray, segmentations: Sequence[np.ndarray]) -> np.ndarray:
     """Objects x masks IoU between the ground-truth objects of ``labels`` (those of at least
     ``MIN_OBJECT_AREA`` pixels) and HxW bool masks."""
-    objects = [labels == index for index in range(1, int(labels.max()) + 1)]
-    objects = np.array([mask.ravel() for mask in objects if mask.sum() >= MIN_OBJECT_AREA], dtype=np.float32)
+    objects = np.array([mask.ravel() for mask in ground_truth_objects(labels)], dtype=np.float32)
     objects = objects.reshape(len(objects), labels.size)
     masks = np.array([m.ravel() for m in segmentations], dtype=np.float32).reshape(len(segmentations), labels.size)
     inter = objects @ masks.T
@@ -311,11 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, occlusion in (("touching", False), ("overlapping", True))
     }
     for set_name, samples in synthetic.items():
-        merged: dict[str, list[float]] = {}
-        for sample in samples[: args.images]:
-            for name, values in evaluate_image(predictor, sample.image, sample.labels).items():
-                merged.setdefault(name, []).extend(values)
-        results[set_name] = summarise(merged)
+        results[set_name] = evaluate_images(predictor, samples[: args.images])
 
     coins, coin_labels = coins_ground_truth()
     results["coins"] = summarise(evaluate_image(predictor, coins, coin_labels))

@@ -286,9 +286,9 @@ def attention_with_rel_pos_keys(
     Compared with passing the HW x HW bias as a dense mask, which is materialised and
     differentiated as a whole, this keeps the fused kernel's blocked softmax. With torch
     2.14, forward and backward of a ``vit_small`` global block (32x32 grid, float32) take
-    151 ms instead of 312 ms, and a whole bf16 training step 2.22 s instead of 3.24 s
-    (``benchmarks/bench_rel_pos_attention.py --whole-steps 8``). The result equals the
-    dense form up to float32 rounding (about 1e-6).
+    about 155 ms instead of 250 to 310 ms; a whole bf16 training step takes 0.95 to 0.98
+    of the time (``benchmarks/bench_rel_pos_attention.py --whole-steps 8``). The result
+    equals the dense form up to float32 rounding (about 1e-6).
 
     Args:
         q, k, v: BxNxd queries, keys and values of an HxW token grid (N = H*W); float32,
