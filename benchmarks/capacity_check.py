@@ -1,4 +1,4 @@
-"""Why the bundled ``vit_small`` misses the synthetic quality goals: five checks.
+"""Why the bundled ``vit_small`` misses the synthetic quality goals: six checks.
 
 Each check runs on held-out synthetic images of the kind the goals describe (stars,
 crescents and ellipses that touch, ``heldout_set(..., occlusion=False)``), never on the
@@ -13,6 +13,11 @@ evaluation set (seed offset 0) of ``eval_small_model.py``:
 * ``box-margin``: the model's box IoU when the tight box is grown (or shrunk) by d px on
   every side: whether the model reads the box edges or the image. Second held-out set, 15
   images.
+* ``errors``: where the model's box-prompt masks are wrong, as shares of the summed
+  union of prediction and ground truth over all objects: false positives within 2 px of
+  the object's boundary (the ring between the mask dilated and eroded by 2 px), on other
+  objects, and elsewhere on the background; false negatives in the ring and further
+  inside. Second held-out set, 20 images.
 * ``overfit``: the model trained further on 16 images alone (seed offset 5; the full
   model, the recipe's prompts, learning rate 3e-4, 250 steps), scored on those same 16
   images before and after: how far the architecture fits images it sees again and again.
@@ -27,9 +32,9 @@ evaluation set (seed offset 0) of ``eval_small_model.py``:
 
 Usage::
 
-    python benchmarks/capacity_check.py ceiling|box-margin|overfit|eval-like|iou-head [--checkpoint PATH]
+    python benchmarks/capacity_check.py ceiling|box-margin|errors|overfit|eval-like|iou-head [--checkpoint PATH]
 
-``ceiling`` takes under a minute, ``box-margin`` a minute, ``overfit`` about 10 minutes,
+``ceiling`` takes under a minute, ``box-margin`` and ``errors`` a minute each, ``overfit`` about 10 minutes,
 ``eval-like`` about 11 minutes and ``iou-head`` about 9 minutes on 2 CPU threads.
 """
 
@@ -106,6 +111,30 @@ def box_margin(checkpoint: str) -> None:
           + ", ".join(f"{d:+d}: {np.mean(v):.3f}" for d, v in scores.items()))
 
 
+def errors(checkpoint: str) -> None:
+    predictor = SamPredictor(build_sam(checkpoint, device="cpu"))
+    kinds = ("false positive, boundary ring", "false positive, other objects", "false positive, background",
+             "false negative, boundary ring", "false negative, inside")
+    pixels = dict.fromkeys(kinds, 0)
+    union, scores = 0, []
+    for sample in heldout_set(20, seed=1, occlusion=False):
+        predictor.set_image(sample.image)
+        others_all = sample.labels > 0
+        for mask in ground_truth_objects(sample.labels):
+            predicted = predictor.predict(box=tight_box(mask), multimask_output=False)[0][0]
+            ring = ndimage.binary_dilation(mask, iterations=2) & ~ndimage.binary_erosion(mask, iterations=2)
+            others = others_all & ~mask
+            extra, missed = predicted & ~mask, mask & ~predicted
+            for kind, where in zip(kinds, (extra & ring & ~others, extra & others, extra & ~ring & ~others,
+                                           missed & ring, missed & ~ring)):
+                pixels[kind] += int(where.sum())
+            union += int((predicted | mask).sum())
+            scores.append(iou(predicted, mask))
+    print(f"box prompts on {len(scores)} objects, mean IoU {np.mean(scores):.3f}; errors as shares of the summed union:")
+    for kind, count in pixels.items():
+        print(f"  {kind}: {count / union:.4f}")
+
+
 def overfit(checkpoint: str, out: Path) -> None:
     samples = heldout_set(16, seed=5, occlusion=False)
     model = build_sam(checkpoint, device="cpu")
@@ -144,7 +173,7 @@ def iou_head(checkpoint: str, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("check", choices=("ceiling", "box-margin", "overfit", "eval-like", "iou-head"))
+    parser.add_argument("check", choices=("ceiling", "box-margin", "errors", "overfit", "eval-like", "iou-head"))
     parser.add_argument("--checkpoint", default="vit_small", help="model weights (default: the bundled vit_small)")
     parser.add_argument("--out", default=None, help="run folder of overfit, eval-like and iou-head (default: runs/<check>)")
     parser.add_argument("--threads", type=int, default=2)
@@ -156,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         ceiling()
     elif args.check == "box-margin":
         box_margin(args.checkpoint)
+    elif args.check == "errors":
+        errors(args.checkpoint)
     elif args.check == "overfit":
         overfit(args.checkpoint, out)
     elif args.check == "eval-like":

@@ -1,0 +1,69 @@
+"""Pilots of other ``vit_small`` sizes (not shipped): does a variant learn more per step?
+
+Each variant keeps SAM's modules and changes only their sizes (so the reference's classes,
+built with the same sizes, load its weights). It is trained with
+``scripts/train_small_model.py`` (any of its options) and scored with
+``benchmarks/eval_small_model.py``, both run with the variant in place of the shipped size
+(``MODEL_CONFIGS["vit_small"]`` for training; an extra model type ``vit_small_<variant>``
+for the evaluation, so that the checkpoint's type is detected from its tensor shapes):
+
+    python benchmarks/size_pilot.py VARIANT train --scale 0.25 --until phase3 --no-install --out runs/VARIANT
+    python benchmarks/size_pilot.py VARIANT eval --validation --amg-images 0 --checkpoint runs/VARIANT/phase3/model.pth
+
+Variants (seconds per eager bf16 step of the recipe on 2 CPU cores, torch 2.14.1, against
+about 2.2 to 2.5 s for the shipped size in the same measurement):
+
+- ``wide``: a 256-wide, 8-block encoder (8 heads, global attention in blocks 3 and 7)
+  instead of 192 wide and 6 blocks; the decoder as shipped. About 2.8 s.
+- ``patch4``: 4 px patches instead of 8, so a 64x64 embedding grid and 256x256 low-res
+  masks, one logit per input pixel (with 8 px patches each 4x4 block of the 128x128
+  low-res mask comes from one token, because the decoder's upscaling convolutions have
+  kernel 2 and stride 2 and never mix tokens). To keep the step affordable with four times
+  the tokens: a 96-wide encoder (3 heads, 6 blocks) with 16x16-token windows and no global
+  attention, and a 64-wide decoder (2 heads, MLP 512, IoU head 64), 1.38M parameters.
+  About 3.6 s a step in a run (3.79 s against 2.49 s for the shipped size in one timing:
+  1.5 times). Trained on the whole budget with ``--scale 0.75`` (all four phases, 113 min,
+  the same wall time as the recipe), it scores well below the shipped model.
+
+The README's "Where the limit is" gives the scores of both pilots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import runpy
+import sys
+from pathlib import Path
+
+import napari_sam.build as build
+
+SHIPPED = build.MODEL_CONFIGS["vit_small"]
+VARIANTS = {
+    "wide": dataclasses.replace(SHIPPED, embed_dim=256, depth=8, num_heads=8, global_attn_indexes=(3, 7)),
+    "patch4": dataclasses.replace(
+        SHIPPED, embed_dim=96, depth=6, num_heads=3, global_attn_indexes=(), patch_size=4, window_size=16,
+        prompt_embed_dim=64, decoder_mlp_dim=512, decoder_num_heads=2, iou_head_hidden_dim=64,
+    ),
+}
+ROOT = Path(__file__).resolve().parent.parent
+USAGE = f"usage: size_pilot.py {{{','.join(VARIANTS)}}} train|eval [options of train_small_model.py / eval_small_model.py]"
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2 or argv[0] not in VARIANTS or argv[1] not in ("train", "eval"):
+        raise SystemExit(USAGE)
+    variant, action, options = argv[0], argv[1], argv[2:]
+    if action == "train":
+        if "--no-install" not in options:
+            raise SystemExit("a pilot never replaces the shipped weights: add --no-install")
+        build.MODEL_CONFIGS["vit_small"] = VARIANTS[variant]
+        script = ROOT / "scripts" / "train_small_model.py"
+    else:
+        build.MODEL_CONFIGS[f"vit_small_{variant}"] = VARIANTS[variant]
+        script = ROOT / "benchmarks" / "eval_small_model.py"
+    sys.argv = [str(script), *options]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
