@@ -47,8 +47,10 @@ class SamPredictor:
 
     Args:
         sam_model: the model.
-        precision: "fp32" (default, matches the reference), "bf16" (CPU or GPU, about 2x
-            faster on CPUs with bf16 instructions, mask IoU >= 0.97 against fp32) or "fp16"
+        precision: "fp32" (default, matches the reference), "bf16" (CPU or GPU, mask IoU >= 0.97
+            against fp32; on a CPU it is faster only where torch's bf16 matrix products
+            are: about 2x with an earlier torch, but slower than fp32 with torch 2.14.1 on
+            the project's 2-core machine, see ``benchmarks/bench_bf16_gemm.py``) or "fp16"
             (GPU only). It applies to the image encoder, and to the mask decoder for
             batches of at least 16 prompts.
 
