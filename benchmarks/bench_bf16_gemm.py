@@ -1,11 +1,11 @@
 """Does this CPU's torch multiply faster in bf16 than in fp32? (for ``precision="bf16"``)
 
 Times ``torch.nn.functional.linear`` of 4096x768 tokens by a 768 -> 2304 weight (the
-``qkv`` projection of a vit_b block on one 64x64 image embedding's windows) in fp32 and
+``qkv`` projection of a vit_b block over the 64x64 token grid of one image) in fp32 and
 in bf16, after one warm-up call each, and prints the medians and their ratio. On the
 project's 2-core machine with torch 2.14.1 bf16 takes 1.4 to 1.6 times as long as fp32 even
 though the CPU has AVX-512 bf16, which is why ``SamPredictor(..., precision="bf16")``
-no longer speeds up ``set_image`` there (README, "Speed").
+no longer speeds up ``set_image`` there (README, "Tests and benchmarks").
 
     python benchmarks/bench_bf16_gemm.py [--threads 2] [--repeats 9]
 """
