@@ -3,7 +3,7 @@
 Times ``torch.nn.functional.linear`` of 4096x768 tokens by a 768 -> 2304 weight (the
 ``qkv`` projection of a vit_b block over the 64x64 token grid of one image) in fp32 and
 in bf16, after one warm-up call each, and prints the medians and their ratio. On the
-project's 2-core machine with torch 2.14.1 bf16 takes 1.4 to 1.6 times as long as fp32 even
+project's 2-core machine with torch 2.14.1 bf16 takes 1.4 to 1.8 times as long as fp32 even
 though the CPU has AVX-512 bf16, which is why ``SamPredictor(..., precision="bf16")``
 no longer speeds up ``set_image`` there (README, "Tests and benchmarks").
 
