@@ -1,16 +1,24 @@
-"""Time one training step of the bundled small model, eager against ``torch.compile`` (issue 7).
+"""Time one training step of the bundled small model: eager against ``torch.compile``, or
+bf16 autocast against fp32 (issue 7).
 
 The step of ``scripts/train_small_model.py``'s phases 1-3: ``vit_small`` from the shipped
-weights, 4 synthetic images per step, 10 objects per image, 2 prompt rounds, bf16
-autocast, AdamW. Both variants run in one process on the same batches and prompts, after
-the compiled one has compiled its kernels (the first steps; their time is printed apart).
-Steps alternate (eager, compiled) so that both see the same machine load; the medians are
-compared. Each variant has its own model copy and optimizer, so both train as they would
-in a run.
+weights, 4 synthetic images per step, 10 objects per image, 2 prompt rounds, AdamW.
 
-    python benchmarks/bench_training_step.py [--steps 12] [--threads 2]
+* ``--compare compile`` (default): eager against compiled, both with bf16 autocast, in one
+  process on the same batches and prompts, after the compiled one has compiled its
+  kernels (the first steps; their time is printed apart).
+* ``--compare precision``: eager steps with bf16 autocast (the recipe's setting) against
+  eager fp32 steps. The recipe chose bf16 when it was the faster one; with torch 2.14.1
+  bf16 matrix products are slower than fp32 ones on the 2-core machine
+  (``bench_bf16_gemm.py``).
 
-Prints the compile time, the median seconds per step of each variant and their ratio.
+Steps alternate between the two variants so that both see the same machine load; the
+medians are compared. Each variant has its own model copy and optimizer, so both train as
+they would in a run.
+
+    python benchmarks/bench_training_step.py [--compare compile|precision] [--steps 12] [--threads 2]
+
+Prints the median seconds per step of each variant and their ratio (second / first).
 """
 
 from __future__ import annotations
@@ -36,29 +44,37 @@ def run_step(model, optimizer, functions: StepFunctions, data: SyntheticData, co
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compare", choices=("compile", "precision"), default="compile",
+                        help="eager against compiled (bf16), or bf16 against fp32 (eager); default compile")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per variant (default 12)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    config = TrainConfig(images_per_step=4, objects_per_image=10, iterations=2, precision="bf16", lr=1e-5)
     data = SyntheticData(seed=7, kind_weights={"shapes": 2.0, "nuclei": 1.0, "cells": 1.0})
+    # name -> (precision, compiled)
+    settings = ({"eager": ("bf16", False), "compiled": ("bf16", True)} if args.compare == "compile"
+                else {"bf16": ("bf16", False), "fp32": ("fp32", False)})
     variants = {}
-    for name in ("eager", "compiled"):
+    for name, (precision, compiled) in settings.items():
         model = build_sam("vit_small", device="cpu").train()
+        config = TrainConfig(images_per_step=4, objects_per_image=10, iterations=2, precision=precision, lr=1e-5)
         variants[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-5),
-                          StepFunctions.for_model(model, compiled=name == "compiled"))
-    started = time.perf_counter()
-    for step in range(WARMUP_STEPS):
-        run_step(*variants["compiled"], data, config, step)
-    print(f"compiled: first {WARMUP_STEPS} steps (compiling included) {time.perf_counter() - started:.0f} s")
-    run_step(*variants["eager"], data, config, 0)
+                          StepFunctions.for_model(model, compiled=compiled), config)
+    if args.compare == "compile":
+        started = time.perf_counter()
+        for step in range(WARMUP_STEPS):
+            run_step(*variants["compiled"][:3], data, variants["compiled"][3], step)
+        print(f"compiled: first {WARMUP_STEPS} steps (compiling included) {time.perf_counter() - started:.0f} s")
+    first, second = variants
+    for name in variants:  # one untimed step each (first-call allocations)
+        run_step(*variants[name][:3], data, variants[name][3], 0)
     seconds = {name: [] for name in variants}
     for step in range(WARMUP_STEPS, WARMUP_STEPS + args.steps):
-        for name in variants:
-            seconds[name].append(run_step(*variants[name], data, config, step))
-    eager, compiled = (float(np.median(seconds[n])) for n in ("eager", "compiled"))
-    print(f"{args.steps} steps each, {args.threads} threads: eager {eager:.2f} s/step, compiled {compiled:.2f} s/step, "
-          f"compiled/eager {compiled / eager:.2f}")
+        for name, (model, optimizer, functions, config) in variants.items():
+            seconds[name].append(run_step(model, optimizer, functions, data, config, step))
+    medians = {name: float(np.median(values)) for name, values in seconds.items()}
+    print(f"{args.steps} steps each, {args.threads} threads: {first} {medians[first]:.2f} s/step, "
+          f"{second} {medians[second]:.2f} s/step, {second}/{first} {medians[second] / medians[first]:.2f}")
     return 0
 
 
