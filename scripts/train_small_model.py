@@ -47,7 +47,8 @@ finished phase is not trained again. When done, the weights are copied to
 is given.
 
     python scripts/train_small_model.py [--out runs/vit_small] [--no-install] [--untied] [--scale F] [--compile]
-        [--lr-scale F] [--corrective-fraction F] [--pe-scale F] [--until PHASE]
+        [--lr-scale F] [--corrective-fraction F] [--pe-scale F] [--images-per-step N]
+        [--objects-per-image N] [--until PHASE]
 
 ``--scale F`` multiplies every phase's number of steps by ``F`` (warm-up lengths stay),
 for measuring how the quality grows with training compute; use another ``--out`` and
@@ -58,7 +59,8 @@ README's scaling check.
 sends only that share of each step's objects to the corrective round, for the README's
 learning-rate and step-cost comparisons, and ``--pe-scale F`` draws the prompt encoder's
 Fourier matrix with standard deviation ``F`` instead of SAM's 1 (the README's
-position-encoding trial); all three need ``--no-install``.
+position-encoding trial), and ``--images-per-step N`` / ``--objects-per-image N`` change
+the batch of phases 1-3 (the README's batch-shape trial); all of them need ``--no-install``.
 
 ``--untied`` runs the same phases from the untied initialisation (SAM's). With phase 2 at
 900 steps and no phase 4 it gave the weights shipped before the tied ones (xxh128
@@ -118,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pe-scale", type=float, default=1.0,
                         help="standard deviation of the prompt encoder's random Fourier matrix at initialisation "
                         "(init_from_scratch positional_encoding_scale; default 1, SAM's)")
+    parser.add_argument("--images-per-step", type=int, default=None,
+                        help="images per step of phases 1-3 (comparisons only; default: the recipe's 4)")
+    parser.add_argument("--objects-per-image", type=int, default=None,
+                        help="most objects prompted per image in phases 1-3 (comparisons only; default: the recipe's 10)")
     parser.add_argument("--until", choices=[name for name, _, _ in PHASES], default=PHASES[-1][0],
                         help="stop after this phase (default: the last)")
     args = parser.parse_args(argv)
@@ -125,11 +131,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--scale must be positive, got {args.scale}")
     if not 0.0 < args.corrective_fraction <= 1.0:
         parser.error(f"--corrective-fraction must be in (0, 1], got {args.corrective_fraction}")
+    for name in ("images_per_step", "objects_per_image"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     changed = (args.scale != 1.0 or args.until != PHASES[-1][0] or args.lr_scale != 1.0
-               or args.corrective_fraction != 1.0 or args.pe_scale != 1.0)
+               or args.corrective_fraction != 1.0 or args.pe_scale != 1.0
+               or args.images_per_step is not None or args.objects_per_image is not None)
     if changed and not args.no_install:
-        parser.error("--scale, --until, --lr-scale, --corrective-fraction and --pe-scale make a model for comparison "
-                     "only: add --no-install")
+        parser.error("--scale, --until, --lr-scale, --corrective-fraction, --pe-scale, --images-per-step and "
+                     "--objects-per-image make a model for comparison only: add --no-install")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -141,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         config = replace(config, steps=max(1, round(config.steps * args.scale)), torch_compile=args.compile,
                          lr=config.lr * args.lr_scale)
         if not config.iou_head_only:
-            config = replace(config, corrective_fraction=args.corrective_fraction)
+            config = replace(config, corrective_fraction=args.corrective_fraction,
+                             images_per_step=args.images_per_step or config.images_per_step,
+                             objects_per_image=args.objects_per_image or config.objects_per_image)
         started = time.perf_counter()
         train(model, data, config, out / name, log_every=10)
         print(f"{name}: {config.steps} steps; this call {(time.perf_counter() - started) / 60:.1f} min", flush=True)

@@ -106,12 +106,16 @@ def test_training_script_scale_and_until_run_shortened_phases_and_never_install(
     with pytest.raises(SystemExit):  # a shortened run must not replace the shipped weights
         script.main(["--scale", "0.5", "--out", str(tmp_path / "refused")])
     assert "make a model for comparison only: add --no-install" in capsys.readouterr().err
-    for option, value in (("--lr-scale", "0.6"), ("--pe-scale", "3")):
+    for option, value in (("--lr-scale", "0.6"), ("--pe-scale", "3"), ("--images-per-step", "8")):
         with pytest.raises(SystemExit):
             script.main([option, value, "--out", str(tmp_path / "refused")])
         assert "add --no-install" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main(["--objects-per-image", "0", "--no-install", "--out", str(tmp_path / "refused")])
+    assert "--objects-per-image must be at least 1, got 0" in capsys.readouterr().err
     status = script.main(["--scale", "0.002", "--until", "phase2", "--no-install", "--threads", "1",
-                          "--lr-scale", "0.5", "--corrective-fraction", "0.5", "--out", str(tmp_path / "tiny")])
+                          "--lr-scale", "0.5", "--corrective-fraction", "0.5", "--images-per-step", "2",
+                          "--objects-per-image", "3", "--out", str(tmp_path / "tiny")])
     assert status == 0
     out = capsys.readouterr().out
     # 1600 and 750 steps scaled by 0.002, rounded; phase 3 never starts
@@ -119,6 +123,7 @@ def test_training_script_scale_and_until_run_shortened_phases_and_never_install(
     assert (tmp_path / "tiny" / "phase2" / "model.pth").is_file()
     saved = torch.load(tmp_path / "tiny" / "phase2" / "training_state.pt", weights_only=False)["config"]
     assert saved["lr"] == pytest.approx(0.5 * script.PHASES[1][1].lr) and saved["corrective_fraction"] == 0.5
+    assert saved["images_per_step"] == 2 and saved["objects_per_image"] == 3
     assert not (tmp_path / "tiny" / "phase3").exists()
     assert SMALL_MODEL_FILE.stat().st_mtime_ns == before
     assert not (tmp_path / "refused").exists()
