@@ -177,8 +177,7 @@ def memorise(checkpoint: str) -> None:
     data = AnnotatedImages([s.image for s in seen], [s.labels for s in seen], seed=3, augment=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     functions = StepFunctions.for_model(model)
-    score(0)
-    model.train()
+    score(0)  # leaves the model in train mode
     for step in range(config.steps):
         optimization_step(model, optimizer, data, config, step, functions)
         if (step + 1) % 150 == 0:
