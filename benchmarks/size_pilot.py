@@ -32,7 +32,7 @@ about 2.2 to 2.5 s for the shipped size in the same measurement):
   1.5 times). Trained on the whole budget with ``--scale 0.75`` (all four phases, 119 min,
   within the 2-hour budget), it scores well below the shipped model.
 
-The README's "Where the limit is" gives the scores of the three pilots.
+docs/small-model-experiments.md ("Where the limit is" and after) gives the scores of the three pilots.
 """
 
 from __future__ import annotations

@@ -53,14 +53,14 @@ is given.
 ``--scale F`` multiplies every phase's number of steps by ``F`` (warm-up lengths stay),
 for measuring how the quality grows with training compute; use another ``--out`` and
 ``--no-install`` with it. ``--scale 0.5 --until phase3`` is the half-budget point of the
-README's scaling check.
+scaling check (docs/small-model-experiments.md).
 
-``--lr-scale F`` multiplies every phase's learning rate and ``--corrective-fraction F``
-sends only that share of each step's objects to the corrective round, for the README's
-learning-rate and step-cost comparisons, and ``--pe-scale F`` draws the prompt encoder's
-Fourier matrix with standard deviation ``F`` instead of SAM's 1 (the README's
-position-encoding trial), and ``--images-per-step N`` / ``--objects-per-image N`` change
-the batch of phases 1-3 (the README's batch-shape trial); all of them need ``--no-install``.
+``--lr-scale F`` multiplies every phase's learning rate, ``--corrective-fraction F``
+sends only that share of each step's objects to the corrective round, ``--pe-scale F``
+draws the prompt encoder's Fourier matrix with standard deviation ``F`` instead of SAM's
+1, and ``--images-per-step N`` / ``--objects-per-image N`` change the batch of phases 1-3:
+the learning-rate, step-cost, position-encoding and batch-shape trials of
+docs/small-model-experiments.md. All of them need ``--no-install``.
 
 ``--untied`` runs the same phases from the untied initialisation (SAM's). With phase 2 at
 900 steps and no phase 4 it gave the weights shipped before the tied ones (xxh128

@@ -544,7 +544,7 @@ def init_from_scratch(
     product of two encodings falls off with their distance like a Gaussian of standard
     deviation ``1 / (4 pi scale)`` of the input side, about 20 px for ``vit_small`` at 1
     and 7 px at 3. With 3 the decoder was still on its all-background plateau after 260
-    steps, against about 120 at 1 (see the README), so the shipped model keeps 1.
+    steps, against about 120 at 1 (docs/small-model-experiments.md), so the shipped model keeps 1.
 
     With ``tie_cross_attention`` (not in SAM), each cross-attention layer of the mask
     decoder (token to image, image to token) starts with its key projection equal to its
