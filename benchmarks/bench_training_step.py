@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,11 +36,20 @@ from napari_sam.training.trainer import StepFunctions, SyntheticData, TrainConfi
 WARMUP_STEPS = 6  # compiled steps before timing: point and box prompts, 1 to 3 points
 
 
-def run_step(model, optimizer, functions: StepFunctions, data: SyntheticData, config: TrainConfig, step: int) -> float:
-    """One optimizer step on batch ``step`` (as ``train`` runs it); returns its wall-clock seconds."""
-    started = time.perf_counter()
-    optimization_step(model, optimizer, data, config, step, functions)
-    return time.perf_counter() - started
+@dataclass
+class Variant:
+    """One timed set-up: its own model copy, optimizer, step functions and config."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    functions: StepFunctions
+    config: TrainConfig
+
+    def step(self, data: SyntheticData, step: int) -> float:
+        """One optimizer step on batch ``step`` (as ``train`` runs it); returns its wall-clock seconds."""
+        started = time.perf_counter()
+        optimization_step(self.model, self.optimizer, data, self.config, step, self.functions)
+        return time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,20 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     for name, (precision, compiled) in settings.items():
         model = build_sam("vit_small", device="cpu").train()
         config = TrainConfig(images_per_step=4, objects_per_image=10, iterations=2, precision=precision, lr=1e-5)
-        variants[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-5),
-                          StepFunctions.for_model(model, compiled=compiled), config)
+        variants[name] = Variant(model, torch.optim.AdamW(model.parameters(), lr=1e-5),
+                                 StepFunctions.for_model(model, compiled=compiled), config)
     if args.compare == "compile":
         started = time.perf_counter()
         for step in range(WARMUP_STEPS):
-            run_step(*variants["compiled"][:3], data, variants["compiled"][3], step)
+            variants["compiled"].step(data, step)
         print(f"compiled: first {WARMUP_STEPS} steps (compiling included) {time.perf_counter() - started:.0f} s")
     first, second = variants
-    for name in variants:  # one untimed step each (first-call allocations)
-        run_step(*variants[name][:3], data, variants[name][3], 0)
+    for variant in variants.values():  # one untimed step each (first-call allocations)
+        variant.step(data, 0)
     seconds = {name: [] for name in variants}
     for step in range(WARMUP_STEPS, WARMUP_STEPS + args.steps):
-        for name, (model, optimizer, functions, config) in variants.items():
-            seconds[name].append(run_step(model, optimizer, functions, data, config, step))
+        for name, variant in variants.items():
+            seconds[name].append(variant.step(data, step))
     medians = {name: float(np.median(values)) for name, values in seconds.items()}
     print(f"{args.steps} steps each, {args.threads} threads: {first} {medians[first]:.2f} s/step, "
           f"{second} {medians[second]:.2f} s/step, {second}/{first} {medians[second] / medians[first]:.2f}")

@@ -96,6 +96,10 @@ PHASES = (
      SyntheticData(seed=3, kind_weights={"shapes": 2.0, "nuclei": 1.0, "cells": 1.0}, occlusion_probability=0.5)),
 )
 
+# options whose non-default values change the recipe: the result must not replace the shipped weights
+COMPARISON_ONLY = ("scale", "until", "lr_scale", "corrective_fraction", "pe_scale", "images_per_step",
+                   "objects_per_image")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -134,12 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("images_per_step", "objects_per_image"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    changed = (args.scale != 1.0 or args.until != PHASES[-1][0] or args.lr_scale != 1.0
-               or args.corrective_fraction != 1.0 or args.pe_scale != 1.0
-               or args.images_per_step is not None or args.objects_per_image is not None)
+    changed = [f"--{dest.replace('_', '-')}" for dest in COMPARISON_ONLY
+               if getattr(args, dest) != parser.get_default(dest)]
     if changed and not args.no_install:
-        parser.error("--scale, --until, --lr-scale, --corrective-fraction, --pe-scale, --images-per-step and "
-                     "--objects-per-image make a model for comparison only: add --no-install")
+        parser.error(f"a model trained with {', '.join(changed)} is for comparison only: add --no-install")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -105,11 +105,15 @@ def test_training_script_scale_and_until_run_shortened_phases_and_never_install(
     before = SMALL_MODEL_FILE.stat().st_mtime_ns
     with pytest.raises(SystemExit):  # a shortened run must not replace the shipped weights
         script.main(["--scale", "0.5", "--out", str(tmp_path / "refused")])
-    assert "make a model for comparison only: add --no-install" in capsys.readouterr().err
-    for option, value in (("--lr-scale", "0.6"), ("--pe-scale", "3"), ("--images-per-step", "8")):
+    assert "a model trained with --scale is for comparison only: add --no-install" in capsys.readouterr().err
+    for option, value in (("--lr-scale", "0.6"), ("--pe-scale", "3"), ("--images-per-step", "8"),
+                          ("--until", "phase2")):
         with pytest.raises(SystemExit):
             script.main([option, value, "--out", str(tmp_path / "refused")])
-        assert "add --no-install" in capsys.readouterr().err
+        assert f"a model trained with {option} is for comparison only: add --no-install" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # every changed option is named
+        script.main(["--lr-scale", "0.6", "--objects-per-image", "5", "--out", str(tmp_path / "refused")])
+    assert "trained with --lr-scale, --objects-per-image is" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         script.main(["--objects-per-image", "0", "--no-install", "--out", str(tmp_path / "refused")])
     assert "--objects-per-image must be at least 1, got 0" in capsys.readouterr().err
