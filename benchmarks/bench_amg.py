@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT.parent / "shared" / "data" / "images"
+IMAGES = ROOT / "tests" / "data" / "images"
 # Relaxed filters keep every mask (3072 for a 32x32 grid): RLE output, since 3072 full-size
 # boolean masks per run would need ~6.6 GB for a 2 MP photo in either implementation.
 RELAXED = dict(pred_iou_thresh=-100.0, stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="uncompressed_rle")

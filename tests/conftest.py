@@ -8,17 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-IMAGES = SHARED / "data" / "images"
+IMAGES = Path(__file__).resolve().parent / "data" / "images"
 
 
 def load_rgb(name: str) -> np.ndarray:
-    """A real RGB uint8 photo from ../shared/data/images (truck.jpg, groceries.jpg)."""
+    """A real RGB uint8 photo from tests/data/images (truck.jpg, groceries.jpg; see NOTICE there)."""
     from PIL import Image
 
     path = IMAGES / name
     if not path.exists():
-        pytest.fail(f"Test image {path} is missing: the tests expect ../shared beside the checkout.")
+        pytest.fail(f"Test image {path} is missing from the repository (see tests/data/images/NOTICE).")
     return np.asarray(Image.open(path).convert("RGB"))
 
 
