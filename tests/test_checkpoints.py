@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from napari_sam import checkpoints
+from napari_sam.models import weights
 from napari_sam.build import MODEL_CONFIGS, CheckpointError, build_sam_from_config, detect_model_type, read_state_dict
 from napari_sam.checkpoints import (
     CACHE_DIR_ENV,
@@ -147,12 +148,12 @@ def test_known_weights_lookup_by_default_and_model_type(monkeypatch):
 
 
 def test_register_weights_refuses_duplicates_and_bad_hashes(monkeypatch):
-    monkeypatch.setattr(checkpoints, "KNOWN_WEIGHTS", dict(checkpoints.KNOWN_WEIGHTS))
+    monkeypatch.setattr(weights, "KNOWN_WEIGHTS", dict(weights.KNOWN_WEIGHTS))
     entry = KnownWeights("vit_b", "vit_b", "other.pth", "http://127.0.0.1:9/other.pth", "xxh128:00")
     with pytest.raises(ValueError, match="already registered"):
         checkpoints.register_weights(entry)
     checkpoints.register_weights(entry, replace=True)
-    assert checkpoints.KNOWN_WEIGHTS["vit_b"].filename == "other.pth"
+    assert weights.KNOWN_WEIGHTS["vit_b"].filename == "other.pth"
     with pytest.raises(ValueError, match="xxh128:<hex digest>"):
         checkpoints.register_weights(KnownWeights("x", "vit_b", "x.pth", "http://h/x.pth", "deadbeef"))
 
@@ -204,7 +205,7 @@ def test_cached_file_is_used_without_request(monkeypatch, server, small_checkpoi
     first = fetch_weights("test_small", progressbar=False)
     server.stop()
     calls: list[object] = []
-    monkeypatch.setattr(checkpoints, "_verify_local_file", lambda *a: calls.append(a))
+    monkeypatch.setattr(weights, "_verify_local_file", lambda *a: calls.append(a))
     second = fetch_weights("test_small", progressbar=False, progress_callback=lambda *a: calls.append(a))
     assert second == first
     assert server.requests == [f"/{FILENAME}"]
@@ -366,7 +367,7 @@ def test_build_sam_missing_checkpoint(tmp_path):
 
 def test_build_sam_trusts_the_file_over_model_type(checkpoint_factory, caplog):
     path = checkpoint_factory("vit_test")
-    with caplog.at_level("WARNING", logger="napari_sam.checkpoints"):
+    with caplog.at_level("WARNING", logger="napari_sam"):
         model = build_sam("vit_h", checkpoint=path, device="cpu")
     assert model.image_encoder.pos_embed.shape[-1] == MODEL_CONFIGS["vit_test"].embed_dim
     assert "vit_test model, not vit_h" in caplog.text
@@ -389,9 +390,9 @@ def test_build_sam_downloads_known_weights(monkeypatch, server, small_checkpoint
 
 
 def test_build_sam_without_known_weights_explains(monkeypatch):
-    monkeypatch.setattr(checkpoints, "KNOWN_WEIGHTS", {})
+    monkeypatch.setattr(weights, "KNOWN_WEIGHTS", {})
     with pytest.raises(KeyError, match="sam_model_registry"):
-        build_sam("vit_test")
+        build_sam("vit_b")
 
 
 def test_default_device_follows_cuda(monkeypatch):
