@@ -36,18 +36,11 @@ from napari_sam.training.synthetic import (
     heldout_set,
     synthetic_image,
 )
-from napari_sam.training.trainer import (
-    AnnotatedImages,
-    StepFunctions,
-    SyntheticData,
-    TrainConfig,
-    init_from_scratch,
-    iou_head_step,
-    prepare,
-    step_loss,
-    train,
-    training_step,
-)
+from napari_sam.training.config import TrainConfig
+from napari_sam.training.data import AnnotatedImages, SyntheticData, prepare
+from napari_sam.training.initialization import init_from_scratch
+from napari_sam.training.step import StepFunctions, iou_head_step, training_step
+from napari_sam.training.trainer import step_loss, train
 
 # vit_small's layout, shrunk: 128 px input, 8 px patches (16x16 grid), 2 blocks of width 32.
 TINY_CONFIG = dataclasses.replace(
@@ -301,7 +294,7 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch):
 
     The graphs go through torch.compile's "aot_eager" backend: the same capture, dynamic
     shapes and autograd as the default backend, without its minutes of C++ code
-    generation (benchmarks/bench_training_step.py runs the default one).
+    generation (experiments/bench_training_step.py runs the default one).
     """
     compile_calls = []
 
@@ -895,3 +888,29 @@ def test_cli_interrupted_run_resumes(small_checkpoint, tmp_path, capsys, monkeyp
     assert "Resuming" in output and str(out / "model.pth") in output
     saved = torch.load(out / "training_state.pt", map_location="cpu", weights_only=False)
     assert saved["step"] == 3
+
+
+def test_training_modules_depend_one_way_and_trainer_keeps_the_documented_names():
+    """No import cycle among napari_sam.training's modules, counting imports inside functions;
+    the names the README documents stay importable from napari_sam.training.trainer."""
+    import ast
+
+    from napari_sam.training import config, data, initialization, step, trainer
+
+    folder = Path(trainer.__file__).parent
+    imports = {}
+    for path in folder.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module.split(".")[0]} if node.module else {alias.name for alias in node.names}
+        imports[path.stem] = found
+
+    def reaches(start: str, goal: str, seen: frozenset = frozenset()) -> bool:
+        return any(m == goal or (m not in seen and reaches(m, goal, seen | {m})) for m in imports.get(start, ()))
+
+    assert not reaches("parallel", "trainer")
+    assert [module for module in imports if reaches(module, module)] == []
+    assert (trainer.train, trainer.TrainConfig, trainer.SyntheticData, trainer.AnnotatedImages) == (
+        train, config.TrainConfig, data.SyntheticData, data.AnnotatedImages)
+    assert trainer.init_from_scratch is initialization.init_from_scratch and trainer.StepFunctions is step.StepFunctions

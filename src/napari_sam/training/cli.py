@@ -3,8 +3,8 @@
 Two subcommands, both writing to an output folder ``OUT_DIR``:
 
 * ``napari-sam-train scratch OUT_DIR [--model-type vit_small] [--steps N] ...`` trains a
-  registry model type from random weights (:func:`~napari_sam.training.trainer.init_from_scratch`)
-  on endless synthetic microscopy-like images (:class:`~napari_sam.training.trainer.SyntheticData`);
+  registry model type from random weights (:func:`~napari_sam.training.initialization.init_from_scratch`)
+  on endless synthetic microscopy-like images (:class:`~napari_sam.training.data.SyntheticData`);
 * ``napari-sam-train finetune OUT_DIR --images PATH... --labels PATH... [--model vit_small]
   [--decoder-only] ...`` fine-tunes a model (a registry type with known weights, a known
   weights name, or a checkpoint path; built by :func:`napari_sam.checkpoints.build_sam`) on
@@ -21,8 +21,7 @@ Resuming: running the same command again after an interruption continues from th
 training state, with the same data and prompts the run would have seen. With one CPU
 thread (``--threads 1``) a resumed run ends with bit-for-bit the same weights as an
 uninterrupted one; with more threads, two runs of the same steps already differ in the last
-bits (measured: the gradients of vit_small's relative-position tables in its global-attention
-blocks), so they agree only statistically. Different settings for an
+bits, so they agree only statistically. Different settings for an
 unfinished run are refused (its ``run.json`` says which); ``--overwrite`` discards the
 previous run in ``OUT_DIR`` and starts from step 0. A finished run (``model.pth`` exists)
 is never replaced without ``--overwrite``.
@@ -43,6 +42,7 @@ from typing import Any, Optional, Sequence
 
 # Suffixes of image files taken from a folder (the same set as napari-sam-amg reads).
 from ..cli import IMAGE_SUFFIXES
+from .config import TrainConfig
 
 PROG = "napari-sam-train"
 RUN_FILE = "run.json"
@@ -83,8 +83,8 @@ def _add_training_options(parser: argparse.ArgumentParser, *, steps: int, lr: fl
                        help="fp32, or bf16 autocast for the forward pass (faster on recent CPUs and GPUs).")
     group.add_argument("--compile", action="store_true",
                        help="Run the image encoder, mask decoder and mask loss through torch.compile (needs a C++ "
-                       "compiler on CPU): about two minutes of compiling first, then somewhat faster steps (0.93 of the "
-                       "time for vit_small with bf16 on 2 CPU cores, torch 2.14). Worth it only for long runs.")
+                       "compiler on CPU): minutes of compiling first, then somewhat faster steps. Worth it only for long "
+                       "runs.")
     group.add_argument("--seed", type=int, default=0, help="Seed of data, prompts and initial weights (default: 0).")
     group.add_argument("--checkpoint-every", type=int, default=50,
                        help="Steps between resumable training states (default: 50).")
@@ -140,8 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "one; otherwise they only touch (default: 1).")
     scratch.add_argument("--tie-cross-attention", action="store_true",
                          help="Start the mask decoder's cross-attention with keys tied to queries, so that the "
-                         "decoder leaves its early all-background plateau sooner (not in SAM; vit_small: about "
-                         "120 steps instead of 310).")
+                         "decoder leaves its early all-background plateau sooner (not in SAM).")
     _add_training_options(scratch, steps=1000, lr=4e-4, images_per_step=4)
 
     finetune = commands.add_parser(
@@ -313,9 +312,7 @@ def _write_json_atomic(path: Path, value: Any) -> None:
 
 
 # --------------------------------------------------------------------------- running
-def _config(args: argparse.Namespace, decoder_only: bool, augment: bool):
-    from .trainer import TrainConfig
-
+def _config(args: argparse.Namespace, decoder_only: bool, augment: bool) -> TrainConfig:
     occlusion = getattr(args, "occlusion_probability", 0.0)  # a setting of the synthetic data (scratch only)
     if not 0.0 <= occlusion <= 1.0:
         raise CliError(f"--occlusion-probability must be between 0 and 1, got {occlusion}.")
@@ -390,7 +387,9 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(max(1, args.threads))
     from ..build import MODEL_CONFIGS, CheckpointError, build_sam_from_config
     from ..checkpoints import DownloadError, build_sam
-    from .trainer import AnnotatedImages, SyntheticData, init_from_scratch, train
+    from . import trainer
+    from .data import AnnotatedImages, SyntheticData
+    from .initialization import init_from_scratch
 
     try:
         device = torch.device(args.device)
@@ -428,7 +427,7 @@ def _run(args: argparse.Namespace) -> int:
           f"the model will be written to {out / MODEL_FILE}.")
     bar = _ProgressBar()
     try:
-        train(model, data, config, out, progress=bar)
+        trainer.train(model, data, config, out, progress=bar)
     except KeyboardInterrupt:
         bar.close()  # before the message, so that it is not drawn over
         print(f"\nInterrupted. Run the same command again to resume from {state} "

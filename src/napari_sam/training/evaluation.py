@@ -4,7 +4,7 @@ scikit-image's ``coins`` photograph segmented by a classical pipeline (scikit-im
 gallery example "Comparing edge-based and region-based segmentation"): Sobel elevation
 map, watershed from markers below 30 (background) and above 150 (coins), hole filling,
 connected components; components under 100 pixels are dropped. Used by
-``benchmarks/eval_small_model.py`` and the tests of the bundled model.
+``experiments/eval_small_model.py`` and the tests of the bundled model.
 """
 
 from __future__ import annotations

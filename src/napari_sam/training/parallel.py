@@ -2,8 +2,7 @@
 
 A small model's operations are too short to keep many threads busy, so on a machine with
 many cores several processes that each take part of every batch can train faster than one
-process with all the threads. On 2 cores the gain is small (``vit_small``, eager: 0.94 of
-the step time; see ``benchmarks/bench_data_parallel.py`` and ``TrainConfig.processes``).
+process with all the threads. With few cores the gain is small (``TrainConfig.processes``).
 
 Each process (a *replica*) holds a full copy of the model and optimizer. Per step, replica
 ``r`` of ``n`` takes images ``r, r + n, ...`` of the step's batch, draws its own prompts, and
@@ -13,6 +12,9 @@ gradients are summed over the replicas (``torch.distributed`` all-reduce, gloo b
 the whole batch, as one process computes it. Replica 0 is the calling process: it keeps
 the progress callback, writes the checkpoints and the history, and its model is the
 result. The others are started with the ``spawn`` method and exit when the run ends.
+
+This module runs any step loop it is given (``run_steps``, the trainer's) and does not
+import the trainer: the loop reaches the spawned replicas pickled by reference.
 """
 
 from __future__ import annotations
@@ -24,15 +26,16 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-if TYPE_CHECKING:
-    from ..modeling import Sam
-    from .trainer import StepResult, TrainConfig, TrainingData
+from ..modeling import Sam
+from .config import TrainConfig
+from .data import TrainingData
+from .step import StepResult
 
 _logger = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ class Replica:
         """Whether this replica writes the checkpoints, the history and the log (rank 0)."""
         return self.rank == 0
 
-    def batch(self, data: "TrainingData", step: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def batch(self, data: TrainingData, step: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """This replica's share of batch ``step``: images ``rank, rank + world, ...`` of the
         ``count`` that ``data.batch(step, count)`` gives (through ``data.items(step, indices)``
         when the source has it, so that only the share is made)."""
@@ -102,13 +105,11 @@ class Replica:
             parameter.grad = flat[offset:offset + size].view_as(parameter).to(parameter.dtype)
             offset += size
 
-    def combine(self, result: "StepResult") -> "StepResult":
+    def combine(self, result: StepResult) -> StepResult:
         """The step's :class:`StepResult` over all replicas: losses and last-round IoU are
         means weighted by each replica's objects; ``objects`` is the sum."""
         if self.world == 1:
             return result
-        from .trainer import StepResult
-
         n = result.objects
         values = [result.loss, result.mask_loss, result.iou_loss, result.last_round_iou if n else 0.0]
         sums = torch.tensor([v * n for v in values] + [n], dtype=torch.float64)
@@ -135,18 +136,22 @@ class Replica:
             raise RuntimeError(f"Data-parallel replicas disagree on the weights at step {step}: {everyone}.")
 
 
-RunSteps = Callable[..., None]
+# The step loop each replica runs, called as
+# run_steps(model, data, config, out, progress, log_every, replica).
+RunSteps = Callable[[Sam, TrainingData, TrainConfig, Path, Optional[Callable[[int, int, StepResult], None]], int,
+                     Replica], None]
 
 
 def run_data_parallel(
-    model: "Sam", data: "TrainingData", config: "TrainConfig", out: Path,
-    progress: Optional[Callable[[int, int, "StepResult"], None]], log_every: int, run_steps: RunSteps,
+    model: Sam, data: TrainingData, config: TrainConfig, out: Path,
+    progress: Optional[Callable[[int, int, StepResult], None]], log_every: int, run_steps: RunSteps,
 ) -> None:
     """Run ``run_steps`` (the trainer's step loop) as ``config.processes`` replicas.
 
     The calling process is replica 0 and trains ``model`` in place; the others start from a
     copy of it. The torch threads of the caller (``torch.get_num_threads()``) are divided
-    among the replicas (at least 1 each) and given back afterwards.
+    among the replicas (at least 1 each) and given back afterwards. ``run_steps`` must be a
+    module-level function: the spawned replicas receive it pickled by reference.
 
     Raises:
         ValueError: the model is not on the CPU, or the batch has fewer images than
@@ -175,7 +180,7 @@ def run_data_parallel(
     workers = [
         context.Process(
             target=_replica_main, name=f"napari-sam-replica-{rank}",
-            args=(rank, world, address, threads, buffer.getvalue(), data, config, str(out), log_every),
+            args=(rank, world, address, threads, buffer.getvalue(), data, config, str(out), log_every, run_steps),
         )
         for rank in range(1, world)
     ]
@@ -202,18 +207,16 @@ def run_data_parallel(
 
 
 def _replica_main(
-    rank: int, world: int, address: str, threads: int, model_bytes: bytes, data: Any, config: Any, out: str,
-    log_every: int,
+    rank: int, world: int, address: str, threads: int, model_bytes: bytes, data: TrainingData, config: TrainConfig,
+    out: str, log_every: int, run_steps: RunSteps,
 ) -> None:
     """Entry point of replica ``rank`` > 0 (a spawned process)."""
-    from .trainer import _run_steps
-
     torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
     model = torch.load(io.BytesIO(model_bytes), weights_only=False)
     dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     try:
-        _run_steps(model, data, config, Path(out), None, log_every, Replica(rank, world))
+        run_steps(model, data, config, Path(out), None, log_every, Replica(rank, world))
     finally:
         dist.destroy_process_group()
 
