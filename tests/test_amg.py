@@ -2,7 +2,7 @@
 
 Both implementations load the same random-weight ``vit_test`` checkpoint and run on crops of
 the real photos. Random weights leave almost nothing under the default thresholds, so most
-cases relax the filters to keep many masks (pred_iou_thresh=-100, stability_score_thresh=0,
+cases relax the filters to keep many masks (pred_iou_thresh=0 (off), stability_score_thresh=0,
 box_nms_thresh=1.0), with and without a crop layer and small-region clean-up.
 
 The reference's small-region clean-up imports OpenCV. When OpenCV is not installed, a
@@ -27,7 +27,7 @@ from napari_sam.utils import amg as our_amg
 
 ref_amg_utils = pytest.importorskip("segment_anything.utils.amg")
 
-RELAXED = dict(pred_iou_thresh=-100.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+RELAXED = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
 
 
 def _cv2_stand_in() -> types.ModuleType:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from napari_sam.cli import METADATA_HEADER, main
 
-FAST = ["--points-per-side", "3", "--pred-iou-thresh", "-100", "--stability-score-thresh", "0",
+FAST = ["--points-per-side", "3", "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
         "--box-nms-thresh", "1.0", "--device", "cpu"]
 
 
@@ -70,7 +70,7 @@ def test_metadata_equals_generator_records(inputs, checkpoint, tmp_path, capsys)
     assert main(["--input", str(inputs / "gray.png"), "--output", str(out), "--checkpoint", checkpoint,
                  "--model-type", "vit_test", *FAST]) == 0
     generator = SamAutomaticMaskGenerator(
-        sam_model_registry["vit_test"](checkpoint=checkpoint), points_per_side=3, pred_iou_thresh=-100,
+        sam_model_registry["vit_test"](checkpoint=checkpoint), points_per_side=3, pred_iou_thresh=0.0,
         stability_score_thresh=0, box_nms_thresh=1.0,
     )
     records = generator.generate(np.asarray(Image.open(inputs / "gray.png")))
