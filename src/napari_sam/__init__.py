@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version source: pyproject.toml reads it ([tool.hatch.version])
 
 _EXPORTS = {
     "sam_model_registry": "napari_sam.build",
