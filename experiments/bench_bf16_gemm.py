@@ -7,7 +7,7 @@ project's 2-core machine with torch 2.14.1 bf16 takes 1.4 to 1.8 times as long a
 though the CPU has AVX-512 bf16, which is why ``SamPredictor(..., precision="bf16")``
 no longer speeds up ``set_image`` there (README, "Tests and benchmarks").
 
-    python benchmarks/bench_bf16_gemm.py [--threads 2] [--repeats 9]
+    python experiments/bench_bf16_gemm.py [--threads 2] [--repeats 9]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Time the small model's training step: 1 process of N threads against N processes of 1 thread (issue 7).
 
-The step of ``scripts/train_small_model.py``'s phases 1-3 (``vit_small`` from the shipped
+The step of ``experiments/train_small_model.py``'s phases 1-3 (``vit_small`` from the shipped
 weights, 4 synthetic images per step, 10 objects per image, 2 prompt rounds, bf16
 autocast, AdamW), run by :func:`napari_sam.training.trainer.train` with
 ``TrainConfig.processes`` = 1 and = N (data parallel, :mod:`napari_sam.training.parallel`),
@@ -10,7 +10,7 @@ compared with that of the eager 1-process run. The variants run one after the ot
 this process (the data-parallel ones start their other processes), so run it on an
 otherwise idle machine.
 
-    python benchmarks/bench_data_parallel.py [--steps 20] [--warmup 6] [--threads 2] [--no-compile]
+    python experiments/bench_data_parallel.py [--steps 20] [--warmup 6] [--threads 2] [--no-compile]
 
 Prints, per variant, the median seconds per step and the ratio to the eager 1-process
 run, then the steps per hour that each variant gives.

@@ -12,12 +12,12 @@ differentiate the whole bias. This compares, on ``vit_small``'s global blocks (4
   that the fused kernel runs), an exact rewrite;
 * "no relative position": plain fused attention, a lower bound (not the model).
 
-    python benchmarks/bench_rel_pos_attention.py [--repeats 5] [--threads 2] [--whole-steps 16]
+    python experiments/bench_rel_pos_attention.py [--repeats 5] [--threads 2] [--whole-steps 16]
 
 Prints the largest differences of the augmented form's output and gradients from the dense
 form's, and the median milliseconds of each variant's forward + backward. With
 ``--whole-steps N`` it also times N whole training steps of the shipped model (the step of
-``scripts/train_small_model.py``'s phases 1-3, eager), alternating the trainer's attention
+``experiments/train_small_model.py``'s phases 1-3, eager), alternating the trainer's attention
 and the dense bias on the same batches; the first pair is left out of the medians.
 """
 

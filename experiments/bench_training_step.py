@@ -1,7 +1,7 @@
 """Time one training step of the bundled small model: eager against ``torch.compile``, or
 bf16 autocast against fp32 (issue 7).
 
-The step of ``scripts/train_small_model.py``'s phases 1-3: ``vit_small`` from the shipped
+The step of ``experiments/train_small_model.py``'s phases 1-3: ``vit_small`` from the shipped
 weights, 4 synthetic images per step, 10 objects per image, 2 prompt rounds, AdamW.
 
 * ``--compare compile`` (default): eager against compiled, both with bf16 autocast, in one
@@ -16,7 +16,7 @@ Steps alternate between the two variants so that both see the same machine load;
 medians are compared. Each variant has its own model copy and optimizer, so both train as
 they would in a run.
 
-    python benchmarks/bench_training_step.py [--compare compile|precision] [--steps 12] [--threads 2]
+    python experiments/bench_training_step.py [--compare compile|precision] [--steps 12] [--threads 2]
 
 Prints the median seconds per step of each variant and their ratio (second / first).
 """

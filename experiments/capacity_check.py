@@ -38,7 +38,7 @@ evaluation set (seed offset 0) of ``eval_small_model.py``:
 
 Usage::
 
-    python benchmarks/capacity_check.py ceiling|box-margin|errors|overfit|memorise|eval-like|iou-head [--checkpoint PATH]
+    python experiments/capacity_check.py ceiling|box-margin|errors|overfit|memorise|eval-like|iou-head [--checkpoint PATH]
 
 ``ceiling`` takes under a minute, ``box-margin`` and ``errors`` a minute each, ``overfit`` about 10 minutes,
 ``memorise`` about 12 minutes, ``eval-like`` about 11 minutes and ``iou-head`` about 9 minutes on 2 CPU threads.
@@ -56,19 +56,17 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from eval_small_model import evaluate_images, ground_truth_objects, iou, tight_box  # noqa: E402
-
-from train_small_model import PHASES  # noqa: E402
-
-from napari_sam import SamPredictor  # noqa: E402
-from napari_sam.checkpoints import build_sam  # noqa: E402
-from napari_sam.training.synthetic import heldout_set  # noqa: E402
-from napari_sam.training.trainer import (  # noqa: E402
+from napari_sam import SamPredictor
+from napari_sam.checkpoints import build_sam
+from napari_sam.training.synthetic import heldout_set
+from napari_sam.training.trainer import (
     AnnotatedImages, StepFunctions, SyntheticData, TrainConfig, optimization_step, train,
 )
-from napari_sam.utils.image import to_rgb_uint8  # noqa: E402
+from napari_sam.utils.image import to_rgb_uint8
+
+# sibling scripts in experiments/ (importable when this file is run as a script)
+from eval_small_model import evaluate_images, ground_truth_objects, iou, tight_box
+from train_small_model import PHASES
 
 BOX_MARGINS = (-4, -2, 0, 2, 4, 8)
 SIZE_BINS = ((25, 300), (300, 1000), (1000, 3000), (3000, 10**6))
@@ -191,7 +189,7 @@ def eval_like(checkpoint: str, out: Path) -> None:
                          distractor_probability=0.5)
     data = SyntheticData(seed=7, kind="shapes", shapes=("star", "crescent", "ellipse"), occlusion_probability=0.3)
     train(model, data, config, out, log_every=10)
-    print(f"wrote {out / 'model.pth'}; score it with: python benchmarks/eval_small_model.py --validation "
+    print(f"wrote {out / 'model.pth'}; score it with: python experiments/eval_small_model.py --validation "
           f"--amg-images 0 --checkpoint {out / 'model.pth'}")
 
 
@@ -200,7 +198,7 @@ def iou_head(checkpoint: str, out: Path) -> None:
     assert config.iou_head_only, name
     model = build_sam(checkpoint, device="cpu")
     train(model, dataclasses.replace(data, seed=11), dataclasses.replace(config, steps=300, seed=11), out, log_every=25)
-    print(f"wrote {out / 'model.pth'}; sweep it with: python benchmarks/eval_small_model.py --sweep-amg 10 "
+    print(f"wrote {out / 'model.pth'}; sweep it with: python experiments/eval_small_model.py --sweep-amg 10 "
           f"--checkpoint {out / 'model.pth'}")
 
 

@@ -38,9 +38,9 @@ evaluation images.
 
 Usage::
 
-    python benchmarks/eval_small_model.py [--checkpoint PATH] [--images 50] [--json out.json]
-    python benchmarks/eval_small_model.py --validation --amg-images 0 --checkpoint PATH
-    python benchmarks/eval_small_model.py --sweep-amg 10
+    python experiments/eval_small_model.py [--checkpoint PATH] [--images 50] [--json out.json]
+    python experiments/eval_small_model.py --validation --amg-images 0 --checkpoint PATH
+    python experiments/eval_small_model.py --sweep-amg 10
 
 Without ``--checkpoint`` the bundled ``vit_small`` weights are evaluated (about 6 min on
 2 CPU threads, most of it automatic mask generation). A training state

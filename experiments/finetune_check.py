@@ -8,7 +8,7 @@ three outputs, as in ``eval_small_model.py``) is measured on the held-out images
 after fine-tuning, and the fine-tuning wall-clock time is reported (goal: at most 10 minutes
 on 2 CPU cores).
 
-    python benchmarks/finetune_check.py [--steps 300] [--out runs/finetune_phase]
+    python experiments/finetune_check.py [--steps 300] [--out runs/finetune_phase]
 """
 
 from __future__ import annotations
@@ -17,19 +17,17 @@ import argparse
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from napari_sam import SamPredictor
+from napari_sam.checkpoints import build_sam
+from napari_sam.training.synthetic import synthetic_image
+from napari_sam.training.trainer import AnnotatedImages, TrainConfig, train
 
-from eval_small_model import evaluate_image  # noqa: E402
-
-from napari_sam import SamPredictor  # noqa: E402
-from napari_sam.checkpoints import build_sam  # noqa: E402
-from napari_sam.training.synthetic import synthetic_image  # noqa: E402
-from napari_sam.training.trainer import AnnotatedImages, TrainConfig, train  # noqa: E402
+# sibling scripts in experiments/ (importable when this file is run as a script)
+from eval_small_model import evaluate_image
 
 
 def phase_images(seeds: range) -> list:

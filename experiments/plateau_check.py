@@ -2,17 +2,17 @@
 plateau, with SAM's initialisation and with tied cross-attention
 (``init_from_scratch(..., tie_cross_attention=True)``).
 
-Each variant runs the first ``--steps`` steps of phase 1 of ``scripts/train_small_model.py``
+Each variant runs the first ``--steps`` steps of phase 1 of ``experiments/train_small_model.py``
 (same data, prompts, learning-rate schedule and seed), then stops. It prints the mean
 last-round IoU per 50 steps and the first logged step whose IoU reaches 0.1. Runs are
 resumable (``<out>/<variant>``), and a variant that already logged ``--steps`` steps is
 not trained again.
 
-    python benchmarks/plateau_check.py [--steps 400] [--variants default tied] [--out runs/plateau]
+    python experiments/plateau_check.py [--steps 400] [--variants default tied] [--out runs/plateau]
 
 About 15 min per variant on 2 CPU threads. The "tied" variant repeats the start of the
-shipped recipe's phase 1 (``scripts/train_small_model.py``) and the "default" variant that
-of ``scripts/train_small_model.py --untied``, so their figures can be compared with the
+shipped recipe's phase 1 (``experiments/train_small_model.py``) and the "default" variant that
+of ``experiments/train_small_model.py --untied``, so their figures can be compared with the
 ``phase1/history.jsonl`` of those full runs.
 """
 
@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from napari_sam.build import MODEL_CONFIGS, build_sam_from_config
+from napari_sam.training.trainer import init_from_scratch, train
 
-from train_small_model import PHASES  # noqa: E402
-
-from napari_sam.build import MODEL_CONFIGS, build_sam_from_config  # noqa: E402
-from napari_sam.training.trainer import init_from_scratch, train  # noqa: E402
+# sibling scripts in experiments/ (importable when this file is run as a script)
+from train_small_model import PHASES
 
 
 class _Stop(Exception):

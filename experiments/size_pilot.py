@@ -2,13 +2,13 @@
 
 Each variant keeps SAM's modules and changes only their sizes (so the reference's classes,
 built with the same sizes, load its weights). It is trained with
-``scripts/train_small_model.py`` (any of its options) and scored with
-``benchmarks/eval_small_model.py``, both run with the variant in place of the shipped size
-(``MODEL_CONFIGS["vit_small"]`` for training; an extra model type ``vit_small_<variant>``
+``experiments/train_small_model.py`` (any of its options) and scored with
+``experiments/eval_small_model.py``, both run with the variant in place of the shipped size
+(the registry's ``vit_small`` for training; an extra model type ``vit_small_<variant>``
 for the evaluation, so that the checkpoint's type is detected from its tensor shapes):
 
-    python benchmarks/size_pilot.py VARIANT train --scale 0.25 --until phase3 --no-install --out runs/VARIANT
-    python benchmarks/size_pilot.py VARIANT eval --validation --amg-images 0 --checkpoint runs/VARIANT/phase3/model.pth
+    python experiments/size_pilot.py VARIANT train --scale 0.25 --until phase3 --no-install --out runs/VARIANT
+    python experiments/size_pilot.py VARIANT eval --validation --amg-images 0 --checkpoint runs/VARIANT/phase3/model.pth
 
 Variants (seconds per eager bf16 step of the recipe on 2 CPU cores, torch 2.14.1, against
 about 2.2 to 2.5 s for the shipped size in the same measurement):
@@ -42,9 +42,9 @@ import runpy
 import sys
 from pathlib import Path
 
-import napari_sam.build as build
+from napari_sam.models import ModelEntry, model_entry, register_model
 
-SHIPPED = build.MODEL_CONFIGS["vit_small"]
+SHIPPED = model_entry("vit_small").architecture
 VARIANTS = {
     "wide": dataclasses.replace(SHIPPED, embed_dim=256, depth=8, num_heads=8, global_attn_indexes=(3, 7)),
     "decoder256": dataclasses.replace(
@@ -55,7 +55,7 @@ VARIANTS = {
         prompt_embed_dim=64, decoder_mlp_dim=512, decoder_num_heads=2, iou_head_hidden_dim=64,
     ),
 }
-ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
 USAGE = f"usage: size_pilot.py {{{','.join(VARIANTS)}}} train|eval [options of train_small_model.py / eval_small_model.py]"
 
 
@@ -66,11 +66,12 @@ def main(argv: list[str]) -> None:
     if action == "train":
         if "--no-install" not in options:
             raise SystemExit("a pilot never replaces the shipped weights: add --no-install")
-        build.MODEL_CONFIGS["vit_small"] = VARIANTS[variant]
-        script = ROOT / "scripts" / "train_small_model.py"
+        register_model(dataclasses.replace(model_entry("vit_small"), architecture=VARIANTS[variant]), replace=True)
+        script = HERE / "train_small_model.py"
     else:
-        build.MODEL_CONFIGS[f"vit_small_{variant}"] = VARIANTS[variant]
-        script = ROOT / "benchmarks" / "eval_small_model.py"
+        register_model(ModelEntry(f"vit_small_{variant}", VARIANTS[variant], f"size pilot {variant}",
+                                  user_facing=False))
+        script = HERE / "eval_small_model.py"
     sys.argv = [str(script), *options]
     runpy.run_path(str(script), run_name="__main__")
 

@@ -46,7 +46,7 @@ finished phase is not trained again. When done, the weights are copied to
 ``src/napari_sam/weights/`` (the file the package loads offline) unless ``--no-install``
 is given.
 
-    python scripts/train_small_model.py [--out runs/vit_small] [--no-install] [--untied] [--scale F] [--compile]
+    python experiments/train_small_model.py [--out runs/vit_small] [--no-install] [--untied] [--scale F] [--compile]
         [--lr-scale F] [--corrective-fraction F] [--pe-scale F] [--images-per-step N]
         [--objects-per-image N] [--until PHASE]
 

@@ -1,7 +1,7 @@
 """The small model shipped in the package (``vit_small``): present, offline, and useful.
 
-It was trained by ``scripts/train_small_model.py``; quality figures come from
-``benchmarks/eval_small_model.py`` (see the README). These tests check what a fresh
+It was trained by ``experiments/train_small_model.py``; quality figures come from
+``experiments/eval_small_model.py`` (see the README). These tests check what a fresh
 offline install relies on.
 """
 
@@ -36,7 +36,7 @@ def offline(monkeypatch, tmp_path):
 
 
 def test_bundled_file_is_small_and_has_its_known_hash():
-    assert SMALL_MODEL_FILE.is_file(), "run scripts/train_small_model.py to create the bundled weights"
+    assert SMALL_MODEL_FILE.is_file(), "run experiments/train_small_model.py to create the bundled weights"
     assert SMALL_MODEL_FILE.stat().st_size <= 25 * 2**20
     entry = checkpoints.known_weights("vit_small")
     assert entry.bundled == SMALL_MODEL_FILE
@@ -93,7 +93,7 @@ def _training_script():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "train_small_model.py"
+    path = Path(__file__).resolve().parents[1] / "experiments" / "train_small_model.py"
     spec = importlib.util.spec_from_file_location("train_small_model", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

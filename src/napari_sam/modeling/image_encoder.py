@@ -284,11 +284,10 @@ def attention_with_rel_pos_keys(
     same width (the fused CPU kernel needs equal widths) and cropped afterwards.
 
     Compared with passing the HW x HW bias as a dense mask, which is materialised and
-    differentiated as a whole, this keeps the fused kernel's blocked softmax. With torch
-    2.14, forward and backward of a ``vit_small`` global block (32x32 grid, float32) take
-    about 155 ms instead of 250 to 310 ms; a whole bf16 training step takes 0.95 to 0.98
-    of the time (``benchmarks/bench_rel_pos_attention.py --whole-steps 8``). The result
-    equals the dense form up to float32 rounding (about 1e-6).
+    differentiated as a whole, this keeps the fused kernel's blocked softmax, which makes
+    a global block's forward and backward faster (timings in
+    docs/small-model-experiments.md, ``experiments/bench_rel_pos_attention.py``). The
+    result equals the dense form up to float32 rounding (about 1e-6).
 
     Args:
         q, k, v: BxNxd queries, keys and values of an HxW token grid (N = H*W); float32,
