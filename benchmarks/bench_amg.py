@@ -53,8 +53,7 @@ def load_image(name: str, size: tuple[int, int] | None = None) -> np.ndarray:
 
 
 def make_checkpoint(model: str, path: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_random_checkpoint  # the tests' random weights (decoder logits leave [-1, 1])
+    from _common import make_random_checkpoint  # the tests' random weights (decoder logits leave [-1, 1])
 
     return make_random_checkpoint(model, path)
 

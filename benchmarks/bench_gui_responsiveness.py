@@ -22,17 +22,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from conftest import load_rgb  # noqa: E402
+from _common import load_rgb
 
 
 def main() -> None:
@@ -57,7 +52,7 @@ def main() -> None:
     model = build_sam_type(args.model).eval()
     rgb = load_rgb(args.image)
     viewer = napari.Viewer(show=True)
-    image = viewer.add_image(rgb, name="image")
+    viewer.add_image(rgb, name="image")
     widget = SamWidget(viewer)
     widget.set_model(model)
     viewer.window.add_dock_widget(widget, name="Segment Anything")

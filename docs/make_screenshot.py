@@ -9,16 +9,12 @@ negative point.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from conftest import load_rgb  # noqa: E402
 
 
 def main() -> None:
