@@ -70,11 +70,12 @@ def test_commit_undo_redo_preserves_existing_labels():
 
 def test_embedding_cache_is_bounded():
     torch = pytest.importorskip("torch")
-    from napari_sam.interactive.engine import Embedding, EmbeddingCache
+    from napari_sam.interactive.engine import EmbeddingCache
+    from napari_sam.predictor import ImageEmbedding
 
     cache = EmbeddingCache(max_bytes=3 * 1024)
     for i in range(5):
-        cache.put(i, Embedding(torch.zeros(256), (1, 1), (1, 1)))
+        cache.put(i, ImageEmbedding(torch.zeros(256), (1, 1), (1, 1)))
     assert len(cache) == 3 and 0 not in cache and 4 in cache
 
 

@@ -34,6 +34,7 @@ _EXPORTS = {
     "HashMismatchError": "napari_sam.checkpoints",
     "SamPredictor": "napari_sam.predictor",
     "SamAutomaticMaskGenerator": "napari_sam.automatic_mask_generator",
+    "AmgSettings": "napari_sam.amg_settings",
     "to_rgb_uint8": "napari_sam.utils.image",
     "segment": "napari_sam._napari.api",
 }

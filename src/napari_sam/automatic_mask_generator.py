@@ -3,7 +3,9 @@
 Drop-in for the reference's ``segment_anything.SamAutomaticMaskGenerator``: same
 constructor, defaults and records, in the same order, for all three output modes, with crop
 layers, cross-crop de-duplication and small-region clean-up (scikit-image instead of
-OpenCV). Differences that do not change the records:
+OpenCV). The settings, their defaults and bounds are declared once, by
+:class:`~napari_sam.amg_settings.AmgSettings`; the constructor also takes one as
+``settings=``. Differences that do not change the records:
 
 * the mask decoder runs through :class:`~napari_sam.modeling.prompt_batch_decoder.PromptBatchDecoder`
   (prompt-independent work once per image, attention factored through the few prompt tokens);
@@ -25,6 +27,7 @@ edge that is not an image edge are dropped; NMS is torchvision's with the refere
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Generator, Optional, Sequence
@@ -32,8 +35,9 @@ from typing import Any, Generator, Optional, Sequence
 import numpy as np
 import torch
 
+from .amg_settings import OUTPUT_MODES, AmgSettings  # noqa: F401  (OUTPUT_MODES: re-exported)
 from .modeling import Sam
-from .modeling.prompt_batch_decoder import PromptBatchDecoder, dense_no_mask_embedding
+from .modeling.prompt_batch_decoder import PromptBatchDecoder
 from .predictor import SamPredictor, autocast_context
 from .utils.amg import (
     area_from_rle,
@@ -51,10 +55,9 @@ from .utils.amg import (
     rle_to_mask,
 )
 from .utils.image import to_rgb_uint8
+from .utils.progress import drain
 
 _logger = logging.getLogger(__name__)
-
-OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
 # Elements of float32 logits upscaled at once (256 MB); bounds memory on large images.
 _UPSCALE_BUDGET = 1 << 26
@@ -140,69 +143,75 @@ class MaskData:
 class SamAutomaticMaskGenerator:
     """Generate masks for a whole image from a grid of point prompts.
 
+    Takes the reference's arguments, positional or keyword, in its order: the fields of
+    :class:`~napari_sam.amg_settings.AmgSettings` (``points_per_side``, ``points_per_batch``,
+    ``pred_iou_thresh``, ``stability_score_thresh``, ``stability_score_offset``,
+    ``box_nms_thresh``, ``crop_n_layers``, ``crop_nms_thresh``, ``crop_overlap_ratio``,
+    ``crop_n_points_downscale_factor``, ``point_grids``, ``min_mask_region_area``,
+    ``output_mode``), whose docstring gives their meaning, defaults (the reference's) and
+    bounds; ``inspect.signature`` shows them.
+
     Args:
         model: the SAM model.
-        points_per_side: points sampled along each side of the image (grid of n*n); None
-            when ``point_grids`` is given.
-        points_per_batch: points decoded together (memory vs. overhead; also the progress step).
-        pred_iou_thresh: keep masks whose predicted IoU is > this (only when > 0).
-        stability_score_thresh: keep masks whose stability score is >= this (only when > 0).
-        stability_score_offset: shift of the logit threshold for the stability score.
-        box_nms_thresh: box IoU above which NMS drops duplicate masks within a crop.
-        crop_n_layers: extra crop layers; layer i has (2**i)**2 crops.
-        crop_nms_thresh: box IoU above which NMS drops duplicates across crops.
-        crop_overlap_ratio: overlap of first-layer crops as a fraction of the short side.
-        crop_n_points_downscale_factor: layer i uses points_per_side / factor**i points per side.
-        point_grids: explicit grids, one Nx2 float array of normalised (x, y) in [0, 1] per layer.
-        min_mask_region_area: if > 0, fill holes and remove islands smaller than this (pixels).
-        output_mode: "binary_mask" (HxW bool), "uncompressed_rle" or "coco_rle".
+        *args: settings by position, in the field order above.
+        settings: the settings (default: ``AmgSettings()``); keywords given beside it
+            override its fields. Keyword only.
         precision: "fp32" (the reference's results) or "bf16"/"fp16" (faster, approximate;
             see :class:`~napari_sam.predictor.SamPredictor`). Keyword only.
+        **kwargs: settings by name.
+
+    Attributes:
+        settings: the :class:`~napari_sam.amg_settings.AmgSettings` in use; each field is
+            also an attribute (``self.pred_iou_thresh`` ...), except ``point_grids``, which
+            holds the grids built for every crop layer (Nx2 float64 normalised (x, y)).
 
     Raises:
-        ValueError: both or neither of points_per_side / point_grids, too few point grids for
-            the crop layers, unknown output_mode or precision.
+        TypeError: too many positional arguments, an unknown keyword, a setting given both
+            by position and by name, or a setting of the wrong type.
+        ValueError: a setting out of bounds, both or neither of points_per_side /
+            point_grids, too few point grids for the crop layers, unknown output_mode or
+            precision.
     """
 
     def __init__(
-        self, model: Sam, points_per_side: Optional[int] = 32, points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95, stability_score_offset: float = 1.0,
-        box_nms_thresh: float = 0.7, crop_n_layers: int = 0, crop_nms_thresh: float = 0.7,
-        crop_overlap_ratio: float = 512 / 1500, crop_n_points_downscale_factor: int = 1,
-        point_grids: Optional[list[np.ndarray]] = None, min_mask_region_area: int = 0,
-        output_mode: str = "binary_mask", *, precision: str = "fp32",
+        self, model: Sam, *args: Any, settings: Optional[AmgSettings] = None, precision: str = "fp32", **kwargs: Any
     ) -> None:
-        if (points_per_side is None) == (point_grids is None):
-            raise ValueError("Exactly one of points_per_side or point_grids must be given.")
-        if points_per_side is not None:
-            self.point_grids = build_all_layer_point_grids(
-                points_per_side, crop_n_layers, crop_n_points_downscale_factor
+        base = settings if settings is not None else AmgSettings()
+        names = type(base).field_names()
+        if len(args) > len(names):
+            raise TypeError(
+                f"SamAutomaticMaskGenerator() takes at most {len(names) + 1} positional arguments after self "
+                f"(model and the settings {', '.join(names)}), but {len(args) + 1} were given."
             )
-        else:
-            self.point_grids = [np.asarray(grid, dtype=np.float64).reshape(-1, 2) for grid in point_grids]
-            if len(self.point_grids) < crop_n_layers + 1:
-                raise ValueError(
-                    f"point_grids has {len(self.point_grids)} grids; crop_n_layers={crop_n_layers} needs "
-                    f"{crop_n_layers + 1} (one per layer)."
-                )
-        if output_mode not in OUTPUT_MODES:
-            raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}.")
-        if output_mode == "coco_rle":
+        changes = dict(zip(names, args))
+        for name, value in kwargs.items():
+            if name not in names:
+                raise TypeError(f"SamAutomaticMaskGenerator() got an unexpected keyword argument {name!r}.")
+            if name in changes:
+                raise TypeError(f"SamAutomaticMaskGenerator() got multiple values for argument {name!r}.")
+            changes[name] = value
+        self.settings = base.replace(**changes) if changes else base
+        if self.settings.output_mode == "coco_rle":
             import pycocotools.mask  # noqa: F401  (fail early, as the reference)
-        if points_per_batch < 1:
-            raise ValueError(f"points_per_batch must be >= 1, got {points_per_batch}.")
 
         self.predictor = SamPredictor(model, precision=precision)
         # The settings stay readable as attributes, under the constructor's names.
-        settings = dict(
-            points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
-            stability_score_thresh=stability_score_thresh, stability_score_offset=stability_score_offset,
-            box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
-            crop_overlap_ratio=crop_overlap_ratio, crop_n_points_downscale_factor=crop_n_points_downscale_factor,
-            min_mask_region_area=min_mask_region_area, output_mode=output_mode, precision=precision,
-        )
-        for name, value in settings.items():
+        for name, value in self.settings.as_kwargs().items():
             setattr(self, name, value)
+        self.precision = precision
+        if self.settings.points_per_side is not None:
+            self.point_grids = build_all_layer_point_grids(
+                self.points_per_side, self.crop_n_layers, self.crop_n_points_downscale_factor
+            )
+        else:
+            self.point_grids = [np.asarray(grid, dtype=np.float64).reshape(-1, 2) for grid in self.settings.point_grids]
+
+    # help() and inspect.signature show the reference's parameters and defaults, from AmgSettings.
+    __init__.__signature__ = inspect.Signature([
+        *list(inspect.signature(__init__).parameters.values())[:2],  # self, model
+        *AmgSettings.parameters(),
+        *[p for p in inspect.signature(__init__).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY],
+    ])
 
     # -- public API --------------------------------------------------------------------------
 
@@ -221,12 +230,7 @@ class SamAutomaticMaskGenerator:
             ``predicted_iou`` (float), ``point_coords`` ([[x, y]] floats, image frame),
             ``stability_score`` (float) and ``crop_box`` ([x0, y0, w, h] ints).
         """
-        runner = self.generate_iter(image, contrast_limits)
-        while True:
-            try:
-                next(runner)
-            except StopIteration as stop:
-                return stop.value
+        return drain(self.generate_iter(image, contrast_limits))
 
     def generate_iter(
         self, image: np.ndarray, contrast_limits: Optional[Sequence[float]] = None
@@ -259,15 +263,8 @@ class SamAutomaticMaskGenerator:
                 x0, y0, x1, y1 = crop_box
                 crop = rgb[y0:y1, x0:x1]
                 crop_size = crop.shape[:2]
-                with torch.no_grad():
-                    self.predictor.set_image(crop)
-                    with self._autocast():
-                        decoder = PromptBatchDecoder(
-                            self.predictor.model.mask_decoder,
-                            self.predictor.features,
-                            self.predictor.model.prompt_encoder.get_dense_pe(),
-                            dense_no_mask_embedding(self.predictor.model.prompt_encoder),
-                        )
+                self.predictor.set_image(crop)
+                decoder = self.predictor.prompt_batch_decoder()
                 # Grid (normalised x, y) scaled by the crop's (width, height), float64 as the reference.
                 points = self.point_grids[layer] * np.array(crop_size)[None, ::-1]
                 batches: list[MaskData] = []

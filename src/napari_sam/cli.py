@@ -3,7 +3,8 @@
 The reference's ``scripts/amg.py`` with the same flags and outputs, and its bugs fixed:
 
 * ``--crop-overlap-ratio`` is a float (the reference's is an int, its issue #259);
-* ``--device`` defaults to CUDA when available, else the CPU (the reference: always CUDA);
+* ``--device`` defaults to "auto": CUDA when available, then Apple MPS, else the CPU (the
+  reference: always CUDA);
 * an output that already exists is refused up front, before any work, unless ``--overwrite``
   (the reference crashes half-way on a second run);
 * whatever scikit-image reads (16-bit TIFF, grayscale, RGBA, ...) is converted as
@@ -25,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -41,30 +40,39 @@ IMAGE_SUFFIXES = {
     ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".pbm", ".jp2", ".ico",
 }
 
-# (flag, keyword of SamAutomaticMaskGenerator, type, help)
-AMG_FLAGS = [
-    ("--points-per-side", "points_per_side", int, "Points sampled along one side of the image (grid of n*n)."),
-    ("--points-per-batch", "points_per_batch", int, "Points decoded together."),
-    ("--pred-iou-thresh", "pred_iou_thresh", float, "Keep masks whose predicted IoU is above this."),
-    ("--stability-score-thresh", "stability_score_thresh", float, "Keep masks whose stability score is at least this."),
-    ("--stability-score-offset", "stability_score_offset", float, "Logit shift used by the stability score."),
-    ("--box-nms-thresh", "box_nms_thresh", float, "Box IoU above which duplicate masks are dropped."),
-    ("--crop-n-layers", "crop_n_layers", int, "Extra layers of image crops (layer i has (2**i)**2 crops)."),
-    ("--crop-nms-thresh", "crop_nms_thresh", float, "Box IoU above which duplicates across crops are dropped."),
-    ("--crop-overlap-ratio", "crop_overlap_ratio", float, "Overlap of first-layer crops, fraction of the short side."),
-    ("--crop-n-points-downscale-factor", "crop_n_points_downscale_factor", int,
-     "Points per side in crop layer i are divided by this to the power i."),
-    ("--min-mask-region-area", "min_mask_region_area", int,
-     "Fill holes and remove islands smaller than this many pixels (0: off)."),
-]
-
-
 class CliError(Exception):
     """A problem with the arguments or outputs, reported before any work (exit status 2)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (built on demand, never at import time)."""
+def _setting_type(setting: Any) -> Any:
+    """An argparse ``type`` that parses one AMG setting and checks its bounds."""
+
+    def parse(text: str) -> Any:
+        value = setting.type(text)  # ValueError: argparse says "invalid int value: 'x'"
+        try:
+            setting.check(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from error
+        return value
+
+    parse.__name__ = setting.type.__name__  # argparse names the type in "invalid int value" errors
+    return parse
+
+
+def build_parser(settings_class: Optional[type] = None) -> argparse.ArgumentParser:
+    """The argument parser (built on demand, never at import time).
+
+    Args:
+        settings_class: :class:`~napari_sam.amg_settings.AmgSettings` (default) or a
+            subclass; one flag per field of its ``tunable_fields()``, default None (not given).
+
+    Returns:
+        The parser.
+    """
+    from .amg_settings import AmgSettings
+    from .models import model_types
+
+    settings_class = settings_class or AmgSettings
     parser = argparse.ArgumentParser(
         prog="napari-sam-amg",
         description=(
@@ -76,11 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="Folder for the results (created if needed).")
     parser.add_argument(
         "--model-type", default=None,
-        help="vit_h, vit_l, vit_b, vit_small (or default = vit_h, vit_test); detected from --checkpoint if "
-        "omitted; without both: vit_b, vit_l or vit_h if their weights are cached, else the bundled vit_small.",
+        help=f"One of {', '.join(model_types(user_facing=True, aliases=True))}; detected from --checkpoint if "
+        "omitted; without both: the best model whose weights are available offline (cached official weights, "
+        "else the bundled small model).",
     )
     parser.add_argument("--checkpoint", default=None, help="Path to the SAM checkpoint (.pth).")
-    parser.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu.")
+    parser.add_argument("--device", default=None,
+                        help="torch device (cpu, cuda, cuda:1, mps); default: auto (cuda, then mps, then cpu).")
     parser.add_argument(
         "--convert-to-rle", action="store_true",
         help="Write <stem>.json with COCO RLE masks instead of a folder of PNGs.",
@@ -89,11 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fp32 (the reference's results), bf16 (faster, CPU or GPU) or fp16 (GPU).")
     parser.add_argument("--overwrite", action="store_true", help="Replace outputs that already exist.")
     group = parser.add_argument_group(
-        "AMG settings (default: the generator's defaults; for vit_small, "
-        "its own lower --pred-iou-thresh and --stability-score-thresh)"
+        "AMG settings (default: the reference's defaults; for vit_small, "
+        "its own lower --pred-iou-thresh, --stability-score-thresh and --box-nms-thresh)"
     )
-    for flag, _, kind, text in AMG_FLAGS:
-        group.add_argument(flag, type=kind, default=None, help=text)
+    for setting in settings_class.tunable_fields():
+        group.add_argument(
+            setting.flag, dest=setting.name, type=_setting_type(setting), default=None,
+            metavar=setting.type.__name__.upper(), help=f"{setting.help} Default: {setting.default:g}.",
+        )
     return parser
 
 
@@ -102,27 +115,29 @@ def resolve_checkpoint(model_type: Optional[str], checkpoint: Optional[str]) -> 
 
     With ``--checkpoint``, that file is used; its type is detected from the tensor shapes
     when ``--model-type`` is not given. Without it, the known weights of ``--model-type``
-    come from the cache folder, downloaded once with a progress bar
-    (:func:`napari_sam.checkpoints.resolve_checkpoint`). Without both, the model is
-    :func:`napari_sam.checkpoints.default_model_type`: cached official weights (vit_b,
-    vit_l, vit_h in that order), else the small model bundled in the package, offline
-    (the reference's script has no default checkpoint).
+    come from the cache folder, downloaded once with a progress bar. Without both, the model
+    is :func:`napari_sam.models.default_model_type`: cached official weights, else the small
+    model bundled in the package, offline (the reference's script has no default checkpoint).
 
     Raises:
         CliError: the checkpoint is missing or unreadable, the model type is unknown, or the
             weights cannot be downloaded (the message says where to put a manual download).
     """
-    from .build import CheckpointError, detect_model_type, read_state_dict
-    from .checkpoints import DownloadError, default_model_type
-    from .checkpoints import resolve_checkpoint as resolve_known
+    from .models import CheckpointError, canonical_type, default_model_type, detect_model_type, model_entry
+    from .models.weights import DownloadError
+    from .models.weights import resolve_checkpoint as resolve_known
 
     try:
+        if model_type is not None:
+            model_type = model_entry(model_type).name
         if checkpoint is None:
             model_type = model_type or default_model_type()
-            return ("vit_h" if model_type == "default" else model_type), os.fspath(resolve_known(model_type))
+            return model_type, os.fspath(resolve_known(model_type))
         if model_type is None:
+            from .models import read_state_dict
+
             model_type = detect_model_type(read_state_dict(checkpoint))
-        return model_type, os.fspath(resolve_known(model_type, checkpoint))
+        return canonical_type(model_type), os.fspath(resolve_known(model_type, checkpoint))
     except (CheckpointError, DownloadError, FileNotFoundError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         raise CliError(str(message)) from error
@@ -167,38 +182,36 @@ def write_masks_to_folder(records: Sequence[dict[str, Any]], folder: Path) -> No
 
 
 def save_atomically(records: list[dict[str, Any]], destination: Path, rle: bool, overwrite: bool) -> None:
-    """Write to a temporary sibling, then rename it into place (never half-written)."""
-    parent = destination.parent
-    if rle:
-        from .utils.files import write_json_atomically
+    """Write the outputs of one image whole or not at all (see :func:`napari_sam.utils.files.atomic_write`).
 
+    Raises:
+        FileExistsError: ``destination`` exists (it may have appeared during the run) and
+            ``overwrite`` is False.
+    """
+    from .utils.files import atomic_write, write_json_atomically
+
+    if destination.exists() and not overwrite:
+        raise FileExistsError(f"{destination} appeared during the run; not replaced.")
+    if rle:
         write_json_atomically(destination, records)
         return
-    temp_dir = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=parent))
-    try:
-        write_masks_to_folder(records, temp_dir)
-        if destination.exists():
-            if not overwrite:
-                raise FileExistsError(f"{destination} appeared during the run; not replaced.")
-            shutil.rmtree(destination) if destination.is_dir() else destination.unlink()
-        os.replace(temp_dir, destination)
-    except BaseException:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        raise
+    if destination.exists() and not destination.is_dir():
+        destination.unlink()
+    with atomic_write(destination, directory=True) as folder:
+        write_masks_to_folder(records, folder)
 
 
 def _generate_with_progress(generator, image, name: str) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
-    runner = generator.generate_iter(image)
+    from .utils.progress import drain
+
     with tqdm(desc=name, unit="batch", leave=False, file=sys.stderr) as bar:
-        while True:
-            try:
-                progress = next(runner)
-            except StopIteration as stop:
-                return stop.value
+        def advance(progress: Any) -> None:
             bar.total = progress.total
             bar.update(progress.done - bar.n)
+
+        return drain(generator.generate_iter(image), advance)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -233,30 +246,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"napari-sam-amg: error: {error}", file=sys.stderr)
         return 2
 
-    import torch
-
+    from .amg_settings import AmgSettings
     from .automatic_mask_generator import SamAutomaticMaskGenerator
-    from .build import sam_model_registry
-    from .checkpoints import recommended_amg_thresholds
+    from .models import build_model, resolve_device
 
-    if model_type not in sam_model_registry:
-        print(f"napari-sam-amg: error: unknown --model-type {model_type!r}; "
-              f"expected one of {sorted(sam_model_registry)}.", file=sys.stderr)
-        return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"Loading model {model_type} from {checkpoint} on {device}...")
     try:
-        sam = sam_model_registry[model_type](checkpoint=checkpoint)
-        sam.to(device=device)
-        given = {key: getattr(args, key) for _, key, _, _ in AMG_FLAGS if getattr(args, key) is not None}
-        model_thresholds = {k: v for k, v in recommended_amg_thresholds(model_type).items() if k not in given}
+        device = resolve_device(args.device)
+        print(f"Loading model {model_type} from {checkpoint} on {device}...")
+        sam = build_model(model_type, checkpoint).to(device=device)
+        given = {f.name: getattr(args, f.name) for f in AmgSettings.tunable_fields() if getattr(args, f.name) is not None}
+        model_thresholds = {k: v for k, v in AmgSettings.model_overrides(model_type).items() if k not in given}
         if model_thresholds:
             print(f"Thresholds for {model_type}: " + ", ".join(f"{k} {v}" for k, v in model_thresholds.items())
                   + " (the reference's defaults keep no mask of this model; flags override).")
-        amg_kwargs = {**model_thresholds, **given}
-        generator = SamAutomaticMaskGenerator(
-            sam, output_mode="coco_rle" if rle else "binary_mask", precision=args.precision, **amg_kwargs
-        )
+        settings = AmgSettings.for_model(model_type, output_mode="coco_rle" if rle else "binary_mask", **given)
+        generator = SamAutomaticMaskGenerator(sam, settings=settings, precision=args.precision)
     except Exception as error:  # bad checkpoint, device or settings: nothing can run
         print(f"napari-sam-amg: error: {error}", file=sys.stderr)
         return 2

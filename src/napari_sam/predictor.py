@@ -13,13 +13,18 @@ shapes, dtypes and coordinate frames), plus:
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .modeling import Sam
+
+if TYPE_CHECKING:
+    from .modeling.prompt_batch_decoder import PromptBatchDecoder
 from .utils.image import to_rgb_uint8
+from .utils.progress import drain
 from .utils.transforms import ResizeLongestSide
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,6 +45,26 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("precision='fp16' needs a GPU; use 'bf16' on the CPU.")
     return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """An image's embedding, with what is needed to predict masks without the image.
+
+    Attributes:
+        features: 1xCxGxG float32 tensor (1x256x64x64 for the official models).
+        original_size: (H, W) of the image in pixels.
+        input_size: (h, w) of the image resized to the model's input long side, before padding.
+    """
+
+    features: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the features, in bytes."""
+        return int(self.features.element_size() * self.features.nelement())
 
 
 class SamPredictor:
@@ -90,16 +115,9 @@ class SamPredictor:
         Raises:
             ValueError: unknown image_format or an image shape that is not an image.
         """
-        if image_format not in ("RGB", "BGR"):
-            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}.")
-        rgb = to_rgb_uint8(image, contrast_limits)
-        if image_format != self.model.image_format:
-            rgb = rgb[..., ::-1]
-        resized = self.transform.apply_image(rgb)
-        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-        self.set_torch_image(tensor, rgb.shape[:2])
+        tensor, original_size = self._prepare(image, image_format, contrast_limits)
+        self.set_torch_image(tensor, original_size)
 
-    @torch.no_grad()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
         """Compute the image embedding of an image already resized by ``self.transform``.
 
@@ -110,7 +128,93 @@ class SamPredictor:
         Raises:
             ValueError: not 1x3xhxw with long side 1024.
         """
-        side = self.model.image_encoder.img_size
+        self.reset_image()
+        self.set_image_embedding(drain(self._encoder_steps(transformed_image, original_image_size)))
+
+    def embedding_steps(
+        self, image: np.ndarray, image_format: str = "RGB", contrast_limits: Optional[Sequence[float]] = None,
+    ) -> Generator[tuple[int, int], None, ImageEmbedding]:
+        """Compute the image embedding of ``image`` step by step, without setting it.
+
+        A generator: yields ``(steps_done, steps_total)`` after preprocessing and after every
+        image-encoder block, so that a caller can show progress or stop between blocks, and
+        returns the :class:`ImageEmbedding` (``StopIteration.value``, or
+        ``embedding = yield from predictor.embedding_steps(image)``). The result equals what
+        :meth:`set_image` computes; pass it to :meth:`set_image_embedding`. No-grad and
+        autocast are entered per step, never across a yield.
+
+        Args:
+            image, image_format, contrast_limits: as :meth:`set_image`.
+
+        Raises:
+            ValueError: as :meth:`set_image`.
+        """
+        tensor, original_size = self._prepare(image, image_format, contrast_limits)
+        return (yield from self._encoder_steps(tensor, original_size))
+
+    def set_image_embedding(self, embedding: ImageEmbedding) -> None:
+        """Use a precomputed image embedding (from :meth:`embedding_steps`, :attr:`image_embedding`,
+        a cache or a file) as the current image; no encoder work.
+
+        Args:
+            embedding: features 1xCxGxG (C, G: the model's embedding channels and grid, 256 and
+                64 for the official models), with the original (H, W) and resized (h, w) sizes
+                of the image it was computed from. Features move to the model's device as float32.
+
+        Raises:
+            ValueError: features of another shape than this model's embedding, or sizes that
+                do not match (the resized long side must be the model's input size).
+        """
+        encoder = self.model.image_encoder
+        channels = self.model.prompt_encoder.embed_dim
+        grid = self.model.prompt_encoder.image_embedding_size
+        expected = (1, channels, *grid)
+        features = embedding.features
+        if tuple(features.shape) != expected:
+            raise ValueError(
+                f"The image embedding has shape {tuple(features.shape)}; this model expects {expected} (1xCxGxG)."
+            )
+        original, resized = tuple(int(v) for v in embedding.original_size), tuple(int(v) for v in embedding.input_size)
+        if len(original) != 2 or len(resized) != 2 or max(resized) != encoder.img_size:
+            raise ValueError(
+                f"Embedding sizes do not fit this model: original {original}, input {resized} "
+                f"(expected (H, W) and the (h, w) resized to long side {encoder.img_size})."
+            )
+        self.reset_image()
+        self.features = features.to(self.device, torch.float32)
+        self.original_size, self.input_size = original, resized
+        self.orig_h, self.orig_w = original
+        self.input_h, self.input_w = resized
+        self.is_image_set = True
+
+    @property
+    def image_embedding(self) -> ImageEmbedding:
+        """The current image's embedding with its sizes (give it to :meth:`set_image_embedding` later).
+
+        Raises:
+            RuntimeError: no image set.
+        """
+        return ImageEmbedding(self.get_image_embedding(), tuple(self.original_size), tuple(self.input_size))
+
+    def _prepare(
+        self, image: np.ndarray, image_format: str, contrast_limits: Optional[Sequence[float]]
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The image as the encoder's 1x3xhxw input (long side resized to the model's size) and its (H, W)."""
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}.")
+        rgb = to_rgb_uint8(image, contrast_limits)
+        if image_format != self.model.image_format:
+            rgb = rgb[..., ::-1]
+        resized = self.transform.apply_image(np.ascontiguousarray(rgb))
+        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        return tensor, (int(rgb.shape[0]), int(rgb.shape[1]))
+
+    def _encoder_steps(
+        self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]
+    ) -> Generator[tuple[int, int], None, ImageEmbedding]:
+        """Run the image encoder on a resized image block by block (see :meth:`embedding_steps`)."""
+        encoder = self.model.image_encoder
+        side = encoder.img_size
         if (
             transformed_image.ndim != 4
             or transformed_image.shape[0] != 1
@@ -121,16 +225,23 @@ class SamPredictor:
                 f"set_torch_image expects a 1x3xhxw tensor with long side {side} "
                 f"(apply predictor.transform.apply_image first); got shape {tuple(transformed_image.shape)}."
             )
-        self.reset_image()
-        self.original_size = tuple(int(v) for v in original_image_size)
-        self.input_size = tuple(int(v) for v in transformed_image.shape[-2:])
-        self.orig_h, self.orig_w = self.original_size
-        self.input_h, self.input_w = self.input_size
-        image = self.model.preprocess(transformed_image.to(self.device))
-        with self._autocast():
-            features = self.model.image_encoder(image)
-        self.features = features.float()
-        self.is_image_set = True
+        total = len(encoder.blocks) + 2
+        input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
+        with torch.no_grad():
+            x = self.model.preprocess(transformed_image.to(self.device))
+        yield 1, total
+        with torch.no_grad(), self._autocast():
+            x = encoder.patch_embed(x)
+            if encoder.pos_embed is not None:
+                x = x + encoder.pos_embed
+        for index, block in enumerate(encoder.blocks):
+            with torch.no_grad(), self._autocast():
+                x = block(x)
+            yield index + 2, total
+        with torch.no_grad(), self._autocast():
+            features = encoder.neck(x.permute(0, 3, 1, 2))
+        original = tuple(int(v) for v in original_image_size)
+        return ImageEmbedding(features.float(), original, input_size)
 
     def predict(
         self, point_coords: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None,
@@ -261,15 +372,7 @@ class SamPredictor:
         Returns:
             low-res logits BxMx256x256 and predicted IoU BxM (M = 3 or 1).
         """
-        from .modeling.prompt_batch_decoder import PromptBatchDecoder, dense_no_mask_embedding
-
-        if self._batch_decoder is None:  # cached in float32 whatever the current precision
-            encoder = self.model.prompt_encoder
-            with torch.autocast(device_type=self.device.type, enabled=False):
-                self._batch_decoder = PromptBatchDecoder(
-                    self.model.mask_decoder, self.features, encoder.get_dense_pe(), dense_no_mask_embedding(encoder)
-                )
-        decoder = self._batch_decoder
+        decoder = self.prompt_batch_decoder()
         iou, mask_tokens, image_tokens = decoder.run(sparse, multimask_output)
         batch, outputs = iou.shape
         device = iou.device
@@ -277,6 +380,29 @@ class SamPredictor:
         output_index = torch.arange(outputs, device=device).repeat(batch)
         logits = decoder.masks(mask_tokens, image_tokens, prompt_index, output_index, multimask_output)
         return logits.view(batch, outputs, *logits.shape[-2:]), iou
+
+    @torch.no_grad()
+    def prompt_batch_decoder(self) -> "PromptBatchDecoder":
+        """The mask decoder's prompt-independent work on the current image embedding, done once.
+
+        Returns the :class:`~napari_sam.modeling.prompt_batch_decoder.PromptBatchDecoder` that
+        decodes batches of prompts without a mask prompt on this image (used by ``predict``
+        and by the automatic mask generator); computed in float32 on first use and kept
+        until the image changes.
+
+        Raises:
+            RuntimeError: no image set.
+        """
+        from .modeling.prompt_batch_decoder import PromptBatchDecoder, dense_no_mask_embedding
+
+        features = self.get_image_embedding()
+        if self._batch_decoder is None:
+            encoder = self.model.prompt_encoder
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                self._batch_decoder = PromptBatchDecoder(
+                    self.model.mask_decoder, features, encoder.get_dense_pe(), dense_no_mask_embedding(encoder)
+                )
+        return self._batch_decoder
 
     def get_image_embedding(self) -> torch.Tensor:
         """The 1x256x64x64 image embedding of the current image.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +10,14 @@ import pytest
 from skimage import data
 
 from napari_sam import SamAutomaticMaskGenerator
-from napari_sam.interactive.automatic import AMG_SETTINGS, records_to_labels
-from napari_sam.interactive.engine import ModelSpec, display_rgb, load_model
+from napari_sam.amg_settings import AmgSettings, setting
+from napari_sam.cli import build_parser
+from napari_sam.interactive.automatic import records_to_labels
+from napari_sam.interactive.engine import display_rgb
+from napari_sam.models import ModelSpec, create_model
 
 MANIFEST = Path(__file__).resolve().parents[2] / "napari.yaml"
-KEEP_MANY = dict(points_per_side=6, pred_iou_thresh=-100.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+KEEP_MANY = dict(points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
 
 pytestmark = pytest.mark.gui
 
@@ -24,29 +28,64 @@ def widget(make_napari_viewer, npe2pm):
         viewer = make_napari_viewer()
         viewer.add_image(data.coins()[:160, :200], name="coins")
         _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Automatic segmentation")
-        widget._model.value = "vit_test"
+        widget.session.choose(ModelSpec("vit_test"))  # test-only: not in the model menu
         yield viewer, widget
 
 
-def test_settings_have_reference_defaults_and_tooltips(widget):
+def test_settings_have_reference_defaults_bounds_and_tooltips(widget):
     _, widget = widget
-    for name, default, tooltip in AMG_SETTINGS:
-        assert widget._settings[name].value == pytest.approx(default, abs=1e-2)
-        assert widget._settings[name].tooltip == tooltip
+    fields = AmgSettings.tunable_fields()
+    assert list(widget._settings) == [f.name for f in fields]
+    for f in fields:
+        control = widget._settings[f.name]
+        assert control.value == pytest.approx(f.default, abs=1e-2)
+        assert control.tooltip == f.help
+        assert control.min == f.min
+        assert control.max == f.max or (f.open_max and control.max < f.max)
+        assert widget[f.name] is control
     assert widget._settings["crop_overlap_ratio"].value == pytest.approx(512 / 1500, abs=0.01)
+    assert isinstance(widget.settings(), AmgSettings)
 
 
 def test_thresholds_follow_the_model(widget):
-    from napari_sam.checkpoints import SMALL_MODEL_AMG_THRESHOLDS
-
     _, widget = widget
-    widget._model.value = "vit_small"  # the bundled model: its own, lower thresholds
-    for name, value in SMALL_MODEL_AMG_THRESHOLDS.items():
-        assert widget.settings()[name] == pytest.approx(value)
-    assert SMALL_MODEL_AMG_THRESHOLDS["pred_iou_thresh"] < 0.88
-    widget._model.value = "vit_b"  # an official model: the reference's defaults again
-    assert widget.settings()["pred_iou_thresh"] == pytest.approx(0.88)
-    assert widget.settings()["stability_score_thresh"] == pytest.approx(0.95)
+    widget._settings["points_per_side"].value = 20  # the user's choice survives a model change
+    small = AmgSettings.model_overrides("vit_small")
+    widget._picker._model.value = "vit_b"
+    assert widget.settings().pred_iou_thresh == pytest.approx(0.88)
+    widget._picker._model.value = "vit_small"  # the bundled model: its own, lower thresholds
+    for name, value in small.items():
+        assert getattr(widget.settings(), name) == pytest.approx(value)
+    assert small["pred_iou_thresh"] < 0.88
+    widget._picker._model.value = "vit_b"  # an official model: the reference's defaults again
+    assert widget.settings().pred_iou_thresh == pytest.approx(0.88)
+    assert widget.settings().stability_score_thresh == pytest.approx(0.95)
+    assert widget.settings().box_nms_thresh == pytest.approx(0.7)
+    assert widget.settings().points_per_side == 20
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtendedSettings(AmgSettings):
+    """AmgSettings plus one setting, declared in one place only."""
+
+    extra_knob: float = setting(0.25, "A new setting declared once.", (0.0, 2.0))
+
+
+def test_a_setting_added_in_one_place_appears_in_cli_and_widget(make_napari_viewer):
+    from napari_sam._napari._automatic_widget import AutomaticSegmentationWidget
+
+    help_text = build_parser(ExtendedSettings).format_help()
+    assert "--extra-knob" in help_text and "A new setting declared once." in help_text
+    viewer = make_napari_viewer()
+    widget = AutomaticSegmentationWidget(viewer, settings_class=ExtendedSettings)
+    control = widget["extra_knob"]
+    assert control is widget._settings["extra_knob"]
+    assert control.value == pytest.approx(0.25) and (control.min, control.max) == (0.0, 2.0)
+    assert control.tooltip == "A new setting declared once."
+    control.value = 1.5
+    chosen = widget.settings()
+    assert isinstance(chosen, ExtendedSettings) and chosen.extra_knob == pytest.approx(1.5)
+    assert chosen.points_per_side == 32
 
 
 def run_and_wait(widget, qtbot, **settings):
@@ -67,7 +106,7 @@ def test_run_writes_one_labels_layer_with_features(widget, qtbot):
     # The same masks as the generator run directly on the displayed image.
     image = viewer.layers["coins"]
     rgb = display_rgb(image.data, image.contrast_limits, False)
-    generator = SamAutomaticMaskGenerator(load_model(ModelSpec("vit_test")), **{**widget.settings(), **KEEP_MANY})
+    generator = SamAutomaticMaskGenerator(create_model("vit_test"), settings=widget.settings(), **KEEP_MANY)
     records = generator.generate(rgb)
     assert len(records) > 5
     expected, _ = records_to_labels(records, rgb.shape[:2])
@@ -104,7 +143,7 @@ def test_all_slices_of_a_stack(make_napari_viewer, npe2pm, qtbot):
         stack = np.stack([coins, np.fliplr(coins)])
         viewer.add_image(stack, name="stack", scale=(3.0, 0.5, 0.5))
         _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Automatic segmentation")
-        widget._model.value = "vit_test"
+        widget.session.choose(ModelSpec("vit_test"))  # test-only: not in the model menu
         widget._all_slices.value = True
         run_and_wait(widget, qtbot, **{**KEEP_MANY, "points_per_side": 4})
         layer = viewer.layers["stack automatic"]

@@ -252,8 +252,8 @@ def test_bad_checkpoint_is_a_notification(open_widget, qtbot, groceries, tmp_pat
     monkeypatch.setattr("napari_sam._napari._widget.show_error", messages.append)
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    widget._checkpoint.value = bad
-    widget._model_combo.value = "file"
+    widget._picker._checkpoint.value = bad
+    widget._picker._model.value = "file"
     click(widget.points_layer, (100, 100))
     wait_idle(qtbot, widget)
     assert messages and "bad.pth" in messages[-1]
@@ -283,8 +283,18 @@ def test_segment_api_without_widget(make_napari_viewer, groceries, vit_test_mode
     labels = napari_sam.segment(viewer, points_layer=points, model=vit_test_model)
     assert labels.data.shape == groceries.shape[:2] and labels.data.max() == 1
     assert np.allclose(labels.scale, image.scale)
+    # The model given once is the viewer's model from then on, and the embedding is reused.
+    from napari_sam._napari._session import session_for
+
+    engine = session_for(viewer).engine
+    assert engine.model is vit_test_model and engine.embeddings_computed == 1
+    napari_sam.segment(viewer, points_layer=points, commit=False)
+    assert engine.embeddings_computed == 1
+    other = make_napari_viewer()
+    other.add_image(groceries)
+    other_points = other.add_points([[250, 400]])
     with pytest.raises(ValueError, match="No model"):
-        napari_sam.segment(viewer, points_layer=points)
+        napari_sam.segment(other, points_layer=other_points)
 
 
 def test_responsiveness_while_embedding(open_widget, qtbot, truck):

@@ -1,103 +1,129 @@
 """The "Automatic segmentation" widget: SAM's automatic mask generator on napari image layers.
 
-Thin Qt layer over :mod:`napari_sam.interactive.automatic`: the settings (every AMG option,
-with the reference's defaults, except the thresholds of the bundled vit_small, and a
-tooltip each), a Run and a Cancel button and a progress bar. The work runs in a napari
-``thread_worker`` that yields after every point batch, so the GUI stays responsive and
-Cancel stops between batches. The result is one Labels layer
+Thin Qt layer over :mod:`napari_sam.interactive.automatic`: the settings (one control per
+tunable field of :class:`~napari_sam.amg_settings.AmgSettings`, generated from its type,
+default, bounds and help; the chosen model's own thresholds, see
+:meth:`~napari_sam.amg_settings.AmgSettings.for_model`), a Run and a Cancel button and a
+progress bar. The model is the viewer's session's (shared with the "Segment Anything" widget
+and ``napari_sam.segment``); the work runs on the session's worker thread and yields after
+every point batch, so the GUI stays responsive and Cancel stops between batches. The result is one Labels layer
 ("<image> automatic", aligned with the image) with one id per mask and a features table.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import pandas as pd
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
 from napari.layers import Image, Labels
-from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 
-from ..checkpoints import default_model_type, recommended_amg_thresholds
-from ..interactive.automatic import AMG_SETTINGS, AutomaticResult, all_slices, automatic_steps, write_slice
-from ..interactive.engine import ModelSpec, display_rgb, load_model
+from ..amg_settings import AmgSettings
+from ..interactive.automatic import AutomaticResult, all_slices, automatic_steps
+from ..interactive.engine import display_rgb
 from ._layers import current_slice, image_array, spatial_shape, transform_kwargs
+from ._model_picker import ModelPicker
+from ._session import session_for, unwrap_viewer
 
-MODEL_CHOICES = [
-    ("napari-sam small model (bundled, offline)", "vit_small"),
-    ("vit_b (official weights, downloaded once)", "vit_b"),
-    ("vit_l (official weights)", "vit_l"),
-    ("vit_h (official weights)", "vit_h"),
-    ("Small offline model (vit_test, random weights)", "vit_test"),
-]
+
+# Step of the float controls; an open upper bound (e.g. crop_overlap_ratio < 1) stops one step short.
+FLOAT_STEP = 0.01
+
+
+def setting_controls(settings_class: type[AmgSettings] = AmgSettings) -> dict[str, Union[SpinBox, FloatSpinBox]]:
+    """One control per tunable setting of ``settings_class``, in field order.
+
+    Args:
+        settings_class: :class:`~napari_sam.amg_settings.AmgSettings` or a subclass.
+
+    Returns:
+        Field name -> a ``SpinBox`` (int fields) or ``FloatSpinBox`` (float fields) named after
+        the field, at its default, limited to its bounds, with its help as tooltip.
+    """
+    controls: dict[str, Union[SpinBox, FloatSpinBox]] = {}
+    for setting in settings_class.tunable_fields():
+        if setting.type is int:
+            high = setting.max - 1 if setting.open_max else setting.max
+            control = SpinBox(name=setting.name, label=setting.label, value=setting.default, min=setting.min,
+                              max=high, tooltip=setting.help)
+        else:
+            high = setting.max - FLOAT_STEP if setting.open_max else setting.max
+            control = FloatSpinBox(name=setting.name, label=setting.label, value=setting.default, min=setting.min,
+                                   max=high, step=FLOAT_STEP, tooltip=setting.help)
+        controls[setting.name] = control
+    return controls
 
 
 class AutomaticSegmentationWidget(Container):
-    """Segment everything in the current slice (or every slice) of an image layer."""
+    """Segment everything in the current slice (or every slice) of an image layer.
 
-    def __init__(self, napari_viewer: Any) -> None:
+    Args:
+        napari_viewer: the viewer.
+        settings_class: the settings whose tunable fields become controls (default
+            :class:`~napari_sam.amg_settings.AmgSettings`; a subclass adds settings).
+    """
+
+    def __init__(self, napari_viewer: Any, settings_class: type[AmgSettings] = AmgSettings) -> None:
         super().__init__(labels=True)
-        self._viewer = napari_viewer
+        self._viewer = unwrap_viewer(napari_viewer)
+        self.session = session_for(self._viewer)
         self._image = ComboBox(label="Image", choices=self._image_choices, tooltip="Image layer to segment.")
-        self._model = ComboBox(label="Model", choices=MODEL_CHOICES, value=default_model_type())
-        self._device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
-        self._precision = ComboBox(
-            label="Precision", choices=["fp32", "bf16"], value="fp32",
-            tooltip="fp32 gives the reference's results; bf16 is faster on recent CPUs and GPUs.",
-        )
-        self._settings: dict[str, Any] = {}
-        for name, default, tooltip in AMG_SETTINGS:
-            label = name.replace("_", " ")
-            if isinstance(default, int):
-                widget = SpinBox(label=label, value=default, min=0 if "crop" in name or "area" in name else 1,
-                                 max=100_000, tooltip=tooltip)
-            else:
-                widget = FloatSpinBox(label=label, value=default, min=-100.0, max=100.0, step=0.01, tooltip=tooltip)
-            self._settings[name] = widget
+        self._status = Label(value="")
+        self._picker = ModelPicker(self.session, self._show_status)
+        self._settings_class = settings_class
+        self._settings = setting_controls(settings_class)
+        self._model_overrides: dict[str, Any] = {}  # the settings the current model changed
         self._all_slices = CheckBox(text="All slices (nD images)", value=False,
                                     tooltip="Segment every slice along the non-displayed axes, not only the current one.")
         self._run = PushButton(text="Run")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(value=0, max=1, label="Progress")
-        self._status = Label(value="")
-        self.extend([self._image, self._model, self._device, self._precision, *self._settings.values(),
+        self.extend([self._image, *self._picker.widgets, *self._settings.values(),
                      self._all_slices, self._run, self._cancel, self._progress, self._status])
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
-        self._model.changed.connect(self._apply_model_thresholds)
-        self._apply_model_thresholds(self._model.value)
+        self._disconnect_model = self.session.on_model_changed(self._on_model_changed)
+        self.native.destroyed.connect(lambda *_: self._disconnect_model())
+        self._on_model_changed()
         self._viewer.layers.events.inserted.connect(self._image.reset_choices)
         self._viewer.layers.events.removed.connect(self._image.reset_choices)
         self._worker: Any = None
-        self._model_cache: dict[ModelSpec, Any] = {}
         self.result_layer: Optional[Labels] = None
 
+    def _show_status(self, message: str) -> None:
+        self._status.value = message
+
+    def _on_model_changed(self) -> None:
+        spec = self.session.spec
+        self._apply_model_thresholds(spec.model_type if spec is not None else "")
+
     def _apply_model_thresholds(self, model_type: str) -> None:
-        """Set the predicted-IoU, stability and box-NMS thresholds for ``model_type``: the bundled
-        vit_small's own (see ``recommended_amg_thresholds``), the reference's defaults otherwise."""
-        thresholds = {name: default for name, default, _ in AMG_SETTINGS
-                      if name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh")}
-        thresholds.update(recommended_amg_thresholds(model_type))
-        for name, value in thresholds.items():
-            self._settings[name].value = value
+        """Set the controls that depend on the model from ``AmgSettings.for_model(model_type)``:
+        the ones ``model_type`` overrides (e.g. vit_small's thresholds) and the ones the previous
+        model overrode (back to the defaults). The user's other choices stay."""
+        overrides = self._settings_class.model_overrides(model_type)
+        chosen = self._settings_class.for_model(model_type)
+        for name in {**self._model_overrides, **overrides}:
+            if name in self._settings:
+                self._settings[name].value = getattr(chosen, name)
+        self._model_overrides = overrides
 
     def _image_choices(self, *_: Any) -> list[Image]:
         return [layer for layer in self._viewer.layers if isinstance(layer, Image)]
 
-    def settings(self) -> dict[str, Any]:
-        """The AMG keyword arguments chosen in the widget."""
-        return {name: widget.value for name, widget in self._settings.items()}
+    def settings(self) -> AmgSettings:
+        """The AMG settings chosen in the widget.
+
+        Raises:
+            ValueError: a combination the settings reject.
+        """
+        return self._settings_class(**{name: control.value for name, control in self._settings.items()})
 
     @property
     def worker(self) -> Any:
         return self._worker
-
-    def _model_for(self, spec: ModelSpec) -> Any:
-        if spec not in self._model_cache:
-            self._model_cache.clear()  # hold one model at a time
-            self._model_cache[spec] = load_model(spec)
-        return self._model_cache[spec]
 
     def run(self, _: Any = None) -> Any:
         """Start the automatic segmentation in a background worker; returns the worker."""
@@ -114,28 +140,35 @@ class AutomaticSegmentationWidget(Container):
             show_error(str(error))
             return None
         slices = all_slices(spec) if self._all_slices.value else [spec]
-        model_spec = ModelSpec(self._model.value, None, self._device.value, self._precision.value)
-        settings = self.settings()
+        if not self.session.has_model:
+            show_error("Automatic segmentation: choose a model first.")
+            return None
+        try:
+            settings = self.settings()
+        except ValueError as error:
+            show_error(f"Automatic segmentation: {error}")
+            return None
         data, rgb, limits = image_array(image), bool(image.rgb), tuple(image.contrast_limits)
+
+        engine = self.session.engine
 
         def work():
             from ..automatic_mask_generator import SamAutomaticMaskGenerator
 
-            generator = SamAutomaticMaskGenerator(self._model_for(model_spec), precision=model_spec.precision,
-                                                  **settings)
+            with engine.lock:
+                engine.adopt_thread_settings()
+                generator = SamAutomaticMaskGenerator(engine.ensure_model(), settings=settings,
+                                                      precision=engine.precision)
             planes = [(s, display_rgb(s.take(data, rgb=rgb), limits, rgb)) for s in slices]
-            return (yield from automatic_steps(generator, planes))
+            return (yield from engine.locked(automatic_steps(generator, planes)))
 
-        worker = thread_worker(work, start_thread=False)()
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(lambda result: self._on_returned(image, result))
-        worker.errored.connect(lambda error: show_error(f"Automatic segmentation failed: {error}"))
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
         self._run.enabled, self._cancel.enabled = False, True
         self._status.value = f"Segmenting {len(slices)} slice(s) of {image.name}..."
-        worker.start()
-        return worker
+        self._worker = self.session.run(
+            work, yielded=self._on_progress, returned=lambda result: self._on_returned(image, result),
+            errored=lambda error: show_error(f"Automatic segmentation failed: {error}"), finished=self._on_finished,
+        )
+        return self._worker
 
     def cancel(self, _: Any = None) -> None:
         """Stop after the current point batch; nothing is written."""
@@ -163,7 +196,7 @@ class AutomaticSegmentationWidget(Container):
             self.result_layer = layer
         data = layer.data
         for spec, labels in zip(result.slices, result.labels):
-            write_slice(data, spec, labels)
+            spec.put(data, labels)
         layer.features = pd.DataFrame(result.features)
         layer.refresh()
         count = len(result.features["label"])

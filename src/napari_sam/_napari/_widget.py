@@ -18,39 +18,30 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Hashable, Optional
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+from magicgui.widgets import ComboBox, Container, Label, PushButton
 from napari.layers import Image, Labels, Points, Shapes
-from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 
 if TYPE_CHECKING:
     import napari.viewer
 from qtpy.QtCore import QObject, QTimer, Signal
 
-from ..checkpoints import default_model_type
-from ..interactive.engine import ModelSpec, SamEngine, display_rgb, objects_to_labels
+from ..interactive.engine import SamEngine, display_rgb, objects_to_labels
 from ..interactive.history import CommitHistory, next_free_id, plan_commit
 from ..interactive.prompts import NEGATIVE, POSITIVE, ObjectPrompt, SliceSpec, build_prompts
 from . import _layers
+from ._model_picker import ModelPicker
+from ._session import session_for, unwrap_viewer
 
 _logger = logging.getLogger(__name__)
 
 DEBOUNCE_MS = 120
 NEW_LAYER = "(new layer)"
-MODEL_CHOICES = [
-    ("napari-sam small model (bundled, offline)", "vit_small"),
-    ("SAM ViT-B (known weights)", "vit_b"),
-    ("SAM ViT-L (known weights)", "vit_l"),
-    ("SAM ViT-H (known weights)", "vit_h"),
-    ("Checkpoint file (type detected)", "file"),
-    ("Small offline model (vit_test, random weights)", "vit_test"),
-]
 HINTS = (
     "<b>Points</b>: click to add a positive point, <b>Shift</b>+click (or <b>T</b>) for negative.<br>"
     "<b>Boxes</b>: draw rectangles (one object per box).<br>"
@@ -62,7 +53,7 @@ _WIDGETS: "weakref.WeakValueDictionary[int, SamWidget]" = weakref.WeakValueDicti
 
 def widget_for(viewer: Any) -> Optional["SamWidget"]:
     """The Segment Anything widget opened on ``viewer``, if any."""
-    return _WIDGETS.get(id(getattr(viewer, "__wrapped__", viewer)))
+    return _WIDGETS.get(id(unwrap_viewer(viewer)))
 
 
 class _DownloadRelay(QObject):
@@ -120,13 +111,8 @@ class SamWidget(Container):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
-        # napari hands plugins a PublicOnlyProxy of the viewer, which wraps every layer in a new
-        # proxy on each access; we keep the viewer itself so that layers keep their identity
-        # (caches, histories, ``napari_sam.segment`` from the console).
-        self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
-        self.engine = SamEngine()
-        self._histories: dict[int, CommitHistory] = {}
-        self._data_versions: dict[int, int] = {}
+        self.viewer = unwrap_viewer(napari_viewer)
+        self.session = session_for(self.viewer)
         self._ids = itertools.count(1)
         self._latest_id = 0
         self._worker: Any = None
@@ -144,9 +130,8 @@ class SamWidget(Container):
         self._hooked_points: "weakref.WeakSet[Points]" = weakref.WeakSet()
 
         self._image_combo = ComboBox(label="Image", choices=self._image_choices, nullable=True)
-        self._model_combo = ComboBox(label="Model", choices=MODEL_CHOICES, value=default_model_type())
-        self._checkpoint = FileEdit(label="Checkpoint", mode="r", filter="*.pth *.pt")
-        self._device_combo = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self._status = Label(value="Choose an image layer and add prompts.")
+        self._picker = ModelPicker(self.session, self._show_model_error)
         self._points_combo = ComboBox(label="Points", choices=self._points_choices)
         self._boxes_combo = ComboBox(label="Boxes", choices=self._shapes_choices)
         self._output_combo = ComboBox(label="Output", choices=self._labels_choices)
@@ -155,14 +140,10 @@ class SamWidget(Container):
         self._undo_btn = PushButton(text="Undo commit [U]")
         self._redo_btn = PushButton(text="Redo commit [Shift-U]")
         self._hints = Label(value=HINTS)
-        self._status = Label(value="Choose an image layer and add prompts.")
-        self._checkpoint.visible = False
         self.extend(
             [
                 self._image_combo,
-                self._model_combo,
-                self._checkpoint,
-                self._device_combo,
+                *self._picker.widgets,
                 self._points_combo,
                 self._boxes_combo,
                 self._output_combo,
@@ -184,9 +165,7 @@ class SamWidget(Container):
         self._timer.timeout.connect(self.request_prediction)
 
         self._image_combo.changed.connect(self._on_image_changed)
-        self._model_combo.changed.connect(self._on_model_changed)
-        self._checkpoint.changed.connect(self._on_model_changed)
-        self._device_combo.changed.connect(self._on_model_changed)
+        self._connected.append((None, self.session.on_model_changed(self._on_model_changed)))
         self._points_combo.changed.connect(self._on_prompt_layers_changed)
         self._boxes_combo.changed.connect(self._on_prompt_layers_changed)
         self._commit_btn.changed.connect(self.commit)
@@ -201,7 +180,6 @@ class SamWidget(Container):
         self._listen(self.viewer.dims.events.ndisplay, self._on_slice_changed)
         self._bind_keys(self.viewer)
         self.native.destroyed.connect(self._disconnect_all)
-        self._set_spec()
         _WIDGETS[id(self.viewer)] = self
         if self._image_combo.value is None:
             self._image_combo.value = self._default_image()
@@ -251,7 +229,7 @@ class SamWidget(Container):
         self.cancel()
         for emitter, callback in self._connected:
             try:
-                emitter.disconnect(callback)
+                callback() if emitter is None else emitter.disconnect(callback)  # None: a disconnect function
             except (TypeError, ValueError, RuntimeError):
                 pass
         self._connected.clear()
@@ -360,45 +338,28 @@ class SamWidget(Container):
         self.schedule()
 
     def _on_image_data(self, event: Any = None) -> None:
-        image = self.image_layer
-        if image is not None:
-            self._data_versions[id(image)] = self._data_versions.get(id(image), 0) + 1
-            self.schedule()
-
-    def _data_key(self, image: Image) -> Hashable:
-        array = _layers.image_array(image)
-        return (id(image), id(array), self._data_versions.get(id(image), 0), tuple(array.shape), str(array.dtype))
+        if self.image_layer is not None:
+            self.schedule()  # the session's data key changes with the data: a new embedding
 
     # -- model ----------------------------------------------------------------------------------
-    def model_spec(self) -> ModelSpec:
-        """The model chosen in the widget."""
-        choice = self._model_combo.value
-        checkpoint = None
-        if choice == "file":
-            path = os.fspath(self._checkpoint.value) if self._checkpoint.value else ""
-            checkpoint = path if path and path != "." else None
-            if checkpoint is None or not os.path.isfile(checkpoint):
-                raise ValueError(f"Choose a SAM checkpoint file (.pth); {path!r} is not a file.")
-        return ModelSpec("auto" if choice == "file" else choice, checkpoint, self._device_combo.value)
-
-    def _set_spec(self) -> bool:
-        self._checkpoint.visible = self._model_combo.value == "file"
-        try:
-            self.engine.set_spec(self.model_spec())
-        except ValueError as error:
-            self._status.value = str(error)
-            return False
-        return True
+    @property
+    def engine(self) -> SamEngine:
+        """The viewer's model, embedding cache and predictions (shared through the session)."""
+        return self.session.engine
 
     def set_model(self, model: Any) -> None:
-        """Use an already built ``Sam`` module (e.g. from a script)."""
-        self.engine.set_model(model)
-        self.schedule()
+        """Use an already built ``Sam`` module (e.g. from a script), for every widget of the viewer."""
+        self.session.use_model(model)
 
-    def _on_model_changed(self, _: Any = None) -> None:
-        if self._set_spec():
-            self._status.value = f"Model: {self.engine.spec.label} (loads on first use)."
-            self.schedule()
+    def _show_model_error(self, message: str) -> None:
+        self._status.value = message
+
+    def _on_model_changed(self) -> None:
+        if self._closed:
+            return
+        spec = self.engine.spec
+        self._status.value = f"Model: {spec.label} (loads on first use)." if spec is not None else "Model set."
+        self.schedule()
 
     # -- events ---------------------------------------------------------------------------------
     def schedule(self, event: Any = None) -> None:
@@ -448,7 +409,7 @@ class SamWidget(Container):
         self._last_outside = prompts.n_outside
         limits = tuple(float(v) for v in image.contrast_limits)
         return _Request(
-            next(self._ids), image, _layers.image_array(image), image.rgb, spec, limits, self._data_key(image),
+            next(self._ids), image, _layers.image_array(image), image.rgb, spec, limits, self.session.data_key(image),
             prompts.objects,
         )
 
@@ -457,7 +418,8 @@ class SamWidget(Container):
         if self._closed:
             return None
         self._timer.stop()
-        if self.engine.spec is None and self.engine.model is None and not self._set_spec():
+        if not self.session.has_model:
+            self._status.value = "Choose a model first."
             return None
         request = self.make_request()
         if request is None:
@@ -478,13 +440,11 @@ class SamWidget(Container):
         # Progress goes to the widget's status line, not to a napari ``progress`` bar: that
         # bar shows an animated activity indicator whose repaints (the whole window is
         # recomposed through OpenGL while a canvas is visible) cost CPU the embedding needs.
-        handlers = {
-            "returned": self._on_returned, "errored": self._on_errored, "finished": self._on_finished,
-            "yielded": self._on_progress,
-        }
-        worker = create_worker(compute, self.engine, request, self._relay, _connect=handlers, _start_thread=False)
-        self._worker, self._running = worker, request
-        worker.start()
+        self._running = request
+        self._worker = self.session.run(
+            compute, self.engine, request, self._relay, returned=self._on_returned, errored=self._on_errored,
+            finished=self._on_finished, yielded=self._on_progress,
+        )
 
     @property
     def worker(self) -> Any:
@@ -565,15 +525,14 @@ class SamWidget(Container):
             return
         if self._current_region is not None:
             layer.data[self._current_region] = 0
-        plane = objects_to_labels(masks, spec.plane_shape, layer.data.dtype)
-        layer.data[spec.region()] = plane.T if spec.row_axis > spec.col_axis else plane
+        spec.put(layer.data, objects_to_labels(masks, spec.plane_shape, layer.data.dtype))
         self._current_region = spec.region()
         self._current = (spec, masks)
         layer.refresh()
 
     # -- commits --------------------------------------------------------------------------------
     def _history(self, layer: Labels) -> CommitHistory:
-        return self._histories.setdefault(id(layer), CommitHistory())
+        return self.session.history(layer)
 
     def _writer(self, layer: Labels):
         def write(indices: tuple[np.ndarray, ...], values: np.ndarray) -> None:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from napari.layers import Image, Labels, Points, Shapes
 
-from ..interactive.engine import ModelSpec, SamEngine, as_spec, display_rgb, objects_to_labels
-from ..interactive.history import CommitHistory, next_free_id, plan_commit
+from ..interactive.engine import SamEngine, display_rgb, objects_to_labels
+from ..interactive.history import next_free_id, plan_commit
 from ..interactive.prompts import build_prompts
+from ..models import as_spec
 from . import _layers
+from ._session import SegmentationSession, session_for
 from ._widget import widget_for
-
-_ENGINES: dict[ModelSpec, SamEngine] = {}
 
 
 def _layer(viewer: Any, layer: Any, kind: type, what: str) -> Any:
@@ -23,26 +23,26 @@ def _layer(viewer: Any, layer: Any, kind: type, what: str) -> Any:
     raise ValueError(f"{what} must be a napari {kind.__name__} layer or its name, got {layer!r}.")
 
 
-def _engine_for(model: Any, device: str, widget: Any) -> SamEngine:
+def _engine_for(session: SegmentationSession, model: Any, device: str) -> SamEngine:
+    """The session's engine, with ``model`` chosen first when given (every widget of the viewer follows)."""
     from ..predictor import SamPredictor
 
     if model is None:
-        if widget is None:
+        if not session.has_model:
             raise ValueError(
                 "No model: pass model= (a registry type such as 'vit_b', a checkpoint path, a Sam module or a "
-                "SamPredictor) or open the Segment Anything widget, whose model is then used."
+                "SamPredictor) or choose one in the Segment Anything widget."
             )
-        return widget.engine
+        return session.engine
     if isinstance(model, SamPredictor):
         model = model.model
     spec = as_spec(model, device)
     if spec is None:  # a Sam module
-        engine = SamEngine(model=model)
-        return engine
-    if spec not in _ENGINES:
-        _ENGINES.clear()  # keep at most one script-side model in memory
-        _ENGINES[spec] = SamEngine(spec)
-    return _ENGINES[spec]
+        if session.engine.model is not model:
+            session.use_model(model)
+    else:
+        session.choose(spec)
+    return session.engine
 
 
 def segment(
@@ -70,8 +70,10 @@ def segment(
             image layer, else the top image layer.
         points_layer: the point prompts; default the widget's / plugin's points layer of the image.
         shapes_layer: the box prompts; default the widget's / plugin's boxes layer of the image.
-        model: a registry type ("vit_b", "vit_test", ...), a checkpoint path, a
-            ``napari_sam.modeling.Sam`` or a ``SamPredictor``; default the widget's model.
+        model: a registry type (``napari_sam.models.model_types()``, e.g. "vit_b"), a checkpoint
+            path, a ``napari_sam.modeling.Sam`` or a ``SamPredictor``; default the viewer's
+            model (the one chosen in the widgets). A model given here becomes the viewer's
+            model: the widgets follow (one model in memory per viewer).
         labels_layer: where to commit; default the widget's output layer, else the plugin's
             "<image> SAM labels" layer (created, aligned with the image, when missing).
         device: torch device for a ``model`` given by name or path ("auto", "cpu", "cuda", "mps").
@@ -119,11 +121,11 @@ def segment(
             f"No prompts on the current slice of {image.name!r}: add positive points or boxes "
             f"({prompts.n_outside} prompt(s) lay outside the image)."
         )
-    engine = _engine_for(model, device, widget)
+    session = session_for(viewer)
+    engine = _engine_for(session, model, device)
     limits = tuple(float(v) for v in image.contrast_limits)
     array = _layers.image_array(image)
-    data_key = widget._data_key(image) if widget is not None else (id(image), id(array), array.shape, str(array.dtype))
-    key = engine.cache_key(data_key, spec.key, limits)
+    key = engine.cache_key(session.data_key(image), spec.key, limits)
     embedding = engine.cache.get(key)
     if embedding is None:
         rgb = display_rgb(spec.take(array, rgb=image.rgb), limits, image.rgb)
@@ -134,9 +136,7 @@ def segment(
         target = _layers.find_layer(viewer, "current", image)
         if target is None:
             target = _layers.make_labels_layer(viewer, image, "current", "SAM current object", opacity=0.6)
-        target.data[spec.region()] = 0
-        plane = objects_to_labels(masks, spec.plane_shape, target.data.dtype)
-        target.data[spec.region()] = plane.T if spec.row_axis > spec.col_axis else plane
+        spec.put(target.data, objects_to_labels(masks, spec.plane_shape, target.data.dtype))
         target.refresh()
         return target
 
@@ -147,10 +147,5 @@ def segment(
         target = _layers.make_labels_layer(viewer, image, "output", "SAM labels")
     edit = plan_commit(target.data, spec, masks, first_id=next_free_id(target.data))
     if edit is not None:
-        history = widget._history(target) if widget is not None else CommitHistory()
-
-        def write(indices: Any, values: Any) -> None:
-            target.data_setitem(indices, values)
-
-        history.commit(edit, write)
+        session.history(target).commit(edit, target.data_setitem)
     return target

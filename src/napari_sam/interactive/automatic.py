@@ -15,22 +15,8 @@ from typing import Any, Generator, Sequence
 
 import numpy as np
 
+from ..utils.labels import paint_masks
 from .prompts import SliceSpec
-
-# Every AMG setting the widget offers: (name, default, tooltip). Defaults are the reference's.
-AMG_SETTINGS: tuple[tuple[str, Any, str], ...] = (
-    ("points_per_side", 32, "Points sampled along each side of the image: a grid of n x n point prompts."),
-    ("points_per_batch", 64, "Points decoded together. Larger is faster but uses more memory; also the progress step."),
-    ("pred_iou_thresh", 0.88, "Keep masks whose predicted IoU (the model's own quality estimate) is above this."),
-    ("stability_score_thresh", 0.95, "Keep masks whose stability score (IoU of the mask at logit +-offset) is at least this."),
-    ("stability_score_offset", 1.0, "Logit offset used to compute the stability score."),
-    ("box_nms_thresh", 0.7, "Box IoU above which duplicate masks are removed (non-maximum suppression)."),
-    ("crop_n_layers", 0, "Extra passes on zoomed-in crops (layer i has (2^i)^2 crops): finds small objects, slower."),
-    ("crop_nms_thresh", 0.7, "Box IoU above which duplicates from different crops are removed."),
-    ("crop_overlap_ratio", 512 / 1500, "Overlap between neighbouring crops, as a fraction of the image's short side."),
-    ("crop_n_points_downscale_factor", 1, "Crop layer i uses points_per_side / factor^i points per side."),
-    ("min_mask_region_area", 0, "Fill holes and remove islands smaller than this many pixels (0: off)."),
-)
 
 FEATURE_COLUMNS = ("label", "predicted_iou", "stability_score", "area", "bbox_x0", "bbox_y0", "bbox_w", "bbox_h")
 
@@ -69,11 +55,9 @@ def records_to_labels(
         labels (HxW uint32; larger masks painted first so smaller ones stay visible) and
         the features columns (one row per record, ``label`` = its id).
     """
-    labels = np.zeros(shape, dtype=np.uint32)
+    masks = [record["segmentation"] for record in records]
+    labels = paint_masks(masks, shape, range(offset + 1, offset + len(records) + 1), dtype=np.uint32)
     features: dict[str, list] = {name: [] for name in FEATURE_COLUMNS}
-    order = sorted(range(len(records)), key=lambda i: -int(records[i]["area"]))  # stable: ties keep order
-    for i in order:
-        labels[np.asarray(records[i]["segmentation"], dtype=bool)] = offset + i + 1
     for i, record in enumerate(records):
         x0, y0, w, h = record["bbox"]
         row = (offset + i + 1, float(record["predicted_iou"]), float(record["stability_score"]), int(record["area"]),
@@ -137,11 +121,3 @@ def all_slices(spec: SliceSpec) -> list[SliceSpec]:
             index[axis] = value
         out.append(SliceSpec(spec.shape, spec.row_axis, spec.col_axis, tuple(index)))
     return out
-
-
-def write_slice(target: np.ndarray, spec: SliceSpec, labels: np.ndarray) -> None:
-    """Store an HxW label image into the nD ``target`` at ``spec`` (replacing that slice)."""
-    view = target[spec.region()]
-    view[...] = labels.T if spec.row_axis > spec.col_axis else labels
-
-

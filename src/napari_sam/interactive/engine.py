@@ -1,164 +1,45 @@
 """The interactive segmentation engine: one model, a bounded embedding cache, predictions.
 
-Qt-free and napari-free: the napari widget drives it from thread workers, ``napari_sam.segment``
-drives it synchronously, tests drive it directly.
+Qt-free and napari-free: the napari session drives it from thread workers, ``napari_sam.segment``
+and tests drive it synchronously.
 
-* :func:`load_model` is the one place that turns a model choice into a ``Sam`` module
-  (registry type + optional checkpoint path; the known-weights downloader plugs in here).
 * :class:`EmbeddingCache` keeps image embeddings keyed by (layer data identity and version,
   slice, display mapping, model), least recently used first out, bounded in bytes.
-* :class:`SamEngine` computes an embedding as a generator that yields progress after every
-  encoder block (so a thread worker can report progress and be stopped between blocks) and
-  predicts one mask per :class:`~napari_sam.interactive.prompts.ObjectPrompt`.
+* :class:`SamEngine` holds the model chosen by a :class:`~napari_sam.models.ModelSpec` (built
+  by the model registry on first use), computes embeddings as generators that yield progress
+  after every encoder block (:meth:`napari_sam.SamPredictor.embedding_steps`), and predicts one
+  mask per :class:`~napari_sam.interactive.prompts.ObjectPrompt` through
+  :meth:`napari_sam.SamPredictor.set_image_embedding`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Callable, Generator, Hashable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Generator, Hashable, Optional, Sequence, TypeVar
 
 import numpy as np
 
+from ..models.registry import ModelSpec
 from ..utils.image import to_rgb_uint8
+from ..utils.labels import paint_masks
+from ..utils.progress import drain
 from .prompts import ObjectPrompt
+
+if TYPE_CHECKING:
+    from ..predictor import ImageEmbedding, SamPredictor
 
 _logger = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-SMALL_OFFLINE_MODEL = "vit_test"  # random weights, seeded: for tests
 DEFAULT_CACHE_BYTES = 512 * 2**20  # ~128 vit_b embeddings (1x256x64x64 float32 = 4 MiB each)
 
 ProgressCallback = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which SAM to load.
-
-    Attributes:
-        model_type: registry type ("vit_small", "vit_b", "vit_l", "vit_h", "vit_test"); with a checkpoint it
-            may be "auto" (detected from the tensor shapes).
-        checkpoint: path of a ``.pth`` state dict, or None: known weights for the type (through
-            ``napari_sam.checkpoints``; ``vit_small`` is bundled in the package), or random
-            weights for ``vit_test`` (seeded, for tests and demos).
-        device: "auto" (CUDA, then Apple MPS, then CPU), "cpu", "cuda" or "mps".
-        precision: "fp32", "bf16" or "fp16", see :class:`napari_sam.SamPredictor`.
-    """
-
-    model_type: str = "vit_small"
-    checkpoint: Optional[str] = None
-    device: str = "auto"
-    precision: str = "fp32"
-
-    @property
-    def label(self) -> str:
-        name = os.path.basename(self.checkpoint) if self.checkpoint else "known weights"
-        if self.model_type == SMALL_OFFLINE_MODEL and not self.checkpoint:
-            name = "random weights"
-        return f"{self.model_type} ({name})"
-
-
-def resolve_device(device: str = "auto") -> str:
-    """Turn "auto" into the best available torch device name.
-
-    Raises:
-        ValueError: unknown device name, or a device that is not available here.
-    """
-    import torch
-
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}.")
-    cuda = torch.cuda.is_available()
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if device == "auto":
-        return "cuda" if cuda else "mps" if mps else "cpu"
-    if device == "cuda" and not cuda:
-        raise ValueError("device 'cuda' was chosen but torch sees no CUDA GPU; choose 'auto' or 'cpu'.")
-    if device == "mps" and not mps:
-        raise ValueError("device 'mps' was chosen but Apple MPS is not available; choose 'auto' or 'cpu'.")
-    return device
-
-
-def load_model(spec: ModelSpec, progress: Optional[ProgressCallback] = None) -> Any:
-    """Build the SAM described by ``spec`` on its device, in eval mode.
-
-    Args:
-        spec: the model choice.
-        progress: called as ``progress(downloaded_bytes, total_bytes)`` while known weights
-            are downloaded (only when ``napari_sam.checkpoints`` provides them).
-
-    Returns:
-        a ``napari_sam.modeling.Sam``.
-
-    Raises:
-        FileNotFoundError, napari_sam.CheckpointError: a bad checkpoint file.
-        KeyError: unknown model type.
-        RuntimeError: known weights requested but no way to get them (no checkpoint file and
-            no ``napari_sam.checkpoints`` module).
-    """
-    import torch
-
-    from ..build import build_sam_type, detect_model_type, read_state_dict
-
-    device = resolve_device(spec.device)
-    model_type = spec.model_type
-    if spec.checkpoint:
-        if model_type == "auto":
-            model_type = detect_model_type(read_state_dict(spec.checkpoint))
-        model = build_sam_type(model_type, spec.checkpoint)
-    elif model_type == SMALL_OFFLINE_MODEL:
-        state = torch.random.get_rng_state()
-        torch.manual_seed(0)
-        try:
-            model = build_sam_type(model_type)
-        finally:
-            torch.random.set_rng_state(state)
-    else:
-        model = _load_known_weights(model_type, device, progress)
-    return model.to(device).eval()
-
-
-def _load_known_weights(model_type: str, device: str, progress: Optional[ProgressCallback]) -> Any:
-    """Known official weights through ``napari_sam.checkpoints.build_sam`` (cached, verified download)."""
-    try:
-        from .. import checkpoints  # type: ignore[attr-defined]
-    except ImportError:
-        raise RuntimeError(
-            f"No checkpoint file given for {model_type} and this install cannot download known weights; "
-            "choose a checkpoint file (e.g. sam_vit_b_01ec64.pth) or the small offline model."
-        ) from None
-    build = getattr(checkpoints, "build_sam")
-    try:
-        return build(model_type, checkpoint=None, device=device, progressbar=False, progress_callback=progress)
-    except TypeError:  # an older build_sam without the progress arguments
-        return build(model_type, checkpoint=None, device=device)
-
-
-@dataclass
-class Embedding:
-    """A slice's image embedding, enough to predict masks without the image.
-
-    Attributes:
-        features: 1x256x64x64 float32 torch tensor on the model's device.
-        original_size: (H, W) of the slice.
-        input_size: (h, w) of the slice resized to long side 1024, before padding.
-    """
-
-    features: Any
-    original_size: tuple[int, int]
-    input_size: tuple[int, int]
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.features.element_size() * self.features.nelement())
+T = TypeVar("T")
 
 
 class EmbeddingCache:
-    """Least-recently-used cache of :class:`Embedding` objects, bounded in bytes.
+    """Least-recently-used cache of :class:`~napari_sam.predictor.ImageEmbedding` objects, bounded in bytes.
 
     Keys are any hashables; :meth:`SamEngine.cache_key` builds the ones the plugin uses.
 
@@ -169,17 +50,17 @@ class EmbeddingCache:
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[Hashable, Embedding] = OrderedDict()
+        self._items: OrderedDict[Hashable, "ImageEmbedding"] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable) -> Optional[Embedding]:
+    def get(self, key: Hashable) -> Optional["ImageEmbedding"]:
         with self._lock:
             item = self._items.get(key)
             if item is not None:
                 self._items.move_to_end(key)
             return item
 
-    def put(self, key: Hashable, embedding: Embedding) -> None:
+    def put(self, key: Hashable, embedding: "ImageEmbedding") -> None:
         with self._lock:
             self._items[key] = embedding
             self._items.move_to_end(key)
@@ -215,6 +96,9 @@ def display_rgb(plane: np.ndarray, contrast_limits: Optional[Sequence[float]], r
 
     Returns:
         HxWx3 uint8.
+
+    Raises:
+        ValueError: a plane of another shape than ``rgb`` says.
     """
     plane = np.asarray(plane)
     if not rgb and plane.ndim != 2:
@@ -235,7 +119,7 @@ class SamEngine:
     """One model, its embedding cache, and mask predictions for object prompts.
 
     Thread use: all model work takes ``self.lock``; one thread at a time computes. The
-    embedding generator holds the lock between its yields.
+    embedding generator takes the lock per step, never across a yield.
 
     Args:
         spec: the model to load lazily (on first use) or None to set one later.
@@ -257,6 +141,7 @@ class SamEngine:
         self.lock = threading.RLock()
         self.embeddings_computed = 0
         self._model_serial = 0 if model is None else 1
+        self._predictor: Optional["SamPredictor"] = None
         # torch's intra-op thread count as set in the thread that made the engine; worker
         # threads may start with a different one (napari issue seen in micro-sam #740).
         self.num_threads = torch.get_num_threads()
@@ -268,6 +153,7 @@ class SamEngine:
             if spec != self.spec or self.model is None:
                 self.spec = spec
                 self.model = None
+                self._predictor = None
                 self.cache.clear()
 
     def set_model(self, model: Any) -> None:
@@ -275,6 +161,7 @@ class SamEngine:
         with self.lock:
             self.model = model
             self.spec = None
+            self._predictor = None
             self._model_serial += 1
             self.cache.clear()
 
@@ -285,15 +172,19 @@ class SamEngine:
     def ensure_model(self, progress: Optional[ProgressCallback] = None) -> Any:
         """Load the chosen model if needed and return it.
 
+        Args:
+            progress: called as ``progress(downloaded_bytes, total_bytes)`` while known weights
+                are downloaded.
+
         Raises:
-            RuntimeError: no model chosen; and whatever :func:`load_model` raises.
+            RuntimeError: no model chosen; and whatever :func:`napari_sam.models.create_model` raises.
         """
         with self.lock:
             if self.model is None:
                 if self.spec is None:
                     raise RuntimeError("No SAM model chosen.")
                 self.adopt_thread_settings()
-                self.model = load_model(self.spec, progress)
+                self.model = self.spec.load(progress)
                 self._model_serial += 1
             return self.model
 
@@ -305,6 +196,22 @@ class SamEngine:
             torch.set_num_threads(self.num_threads)
 
     @property
+    def precision(self) -> str:
+        """The chosen precision ("fp32" for a model set directly)."""
+        return self.spec.precision if self.spec is not None else "fp32"
+
+    @property
+    def predictor(self) -> "SamPredictor":
+        """The predictor of the current model (one per model; its image is set per prediction)."""
+        from ..predictor import SamPredictor
+
+        with self.lock:
+            model = self.ensure_model()
+            if self._predictor is None or self._predictor.model is not model:
+                self._predictor = SamPredictor(model, precision=self.precision)
+            return self._predictor
+
+    @property
     def model_key(self) -> Hashable:
         return (self.spec, self._model_serial)
 
@@ -314,51 +221,39 @@ class SamEngine:
         return (data_key, slice_key, limits, self.model_key)
 
     # -- embeddings ---------------------------------------------------------------------------
-    def embedding_steps(self, rgb: np.ndarray) -> Generator[tuple[int, int], None, Embedding]:
+    def locked(self, steps: Generator[Any, None, T]) -> Generator[Any, None, T]:
+        """Run a progress generator's steps one at a time under the engine's lock.
+
+        The lock is taken per step, never across a yield, so model work of other threads
+        interleaves between steps and an abandoned generator leaves nothing locked. Closing
+        the returned generator closes ``steps``.
+        """
+        try:
+            while True:
+                with self.lock:
+                    self.adopt_thread_settings()
+                    try:
+                        progress = next(steps)
+                    except StopIteration as stop:
+                        return stop.value
+                yield progress
+        finally:
+            steps.close()
+
+    def embedding_steps(self, rgb: np.ndarray) -> Generator[tuple[int, int], None, "ImageEmbedding"]:
         """Compute the image embedding of an HxWx3 uint8 RGB image, block by block.
 
-        Yields ``(steps_done, steps_total)`` after resizing and after every encoder block, so
-        a thread worker can show progress and stop between blocks; returns the
-        :class:`Embedding` (``StopIteration.value``). The result is bitwise the same as
-        ``SamPredictor.set_image(rgb)`` (same modules, same order). The lock and torch's
-        no-grad mode are taken per step, never across a yield, so an abandoned generator
-        leaves nothing locked.
+        Yields ``(steps_done, steps_total)`` (see :meth:`napari_sam.SamPredictor.embedding_steps`)
+        and returns the embedding; steps run under the lock (:meth:`locked`).
         """
-        import torch
-
-        from ..predictor import SamPredictor
-
         with self.lock:
             self.adopt_thread_settings()
-            model = self.ensure_model()
-            predictor = SamPredictor(model, precision=self._precision)
-            encoder = model.image_encoder
-            total = len(encoder.blocks) + 2
-            resized = predictor.transform.apply_image(np.ascontiguousarray(rgb))
-            tensor = torch.as_tensor(resized, device=predictor.device).permute(2, 0, 1).contiguous()[None]
-            input_size = tuple(int(v) for v in tensor.shape[-2:])
-            with torch.no_grad():
-                x = model.preprocess(tensor)
-        yield 1, total
-        with self.lock, torch.no_grad(), predictor._autocast():
-            x = encoder.patch_embed(x)
-            if encoder.pos_embed is not None:
-                x = x + encoder.pos_embed
-        for i, block in enumerate(encoder.blocks):
-            with self.lock, torch.no_grad(), predictor._autocast():
-                x = block(x)
-            yield i + 2, total
-        with self.lock, torch.no_grad(), predictor._autocast():
-            features = encoder.neck(x.permute(0, 3, 1, 2)).float()
+            steps = self.predictor.embedding_steps(rgb)
+        embedding = yield from self.locked(steps)
         self.embeddings_computed += 1
-        return Embedding(features, tuple(int(v) for v in rgb.shape[:2]), input_size)
+        return embedding
 
-    @property
-    def embedding_step_count(self) -> int:
-        model = self.ensure_model()
-        return len(model.image_encoder.blocks) + 2
-
-    def embed(self, rgb: np.ndarray, key: Optional[Hashable] = None) -> Embedding:
+    def embed(self, rgb: np.ndarray, key: Optional[Hashable] = None) -> "ImageEmbedding":
         """The embedding of ``rgb`` (HxWx3 uint8), from the cache under ``key`` when there."""
         if key is not None:
             cached = self.cache.get(key)
@@ -369,32 +264,18 @@ class SamEngine:
             self.cache.put(key, embedding)
         return embedding
 
-    @property
-    def _precision(self) -> str:
-        return self.spec.precision if self.spec is not None else "fp32"
-
     # -- predictions --------------------------------------------------------------------------
-    def predictor_for(self, embedding: Embedding) -> Any:
-        """A ``SamPredictor`` whose image is ``embedding`` (no encoder work)."""
-        from ..predictor import SamPredictor
-
-        predictor = SamPredictor(self.ensure_model(), precision=self._precision)
-        predictor.features = embedding.features
-        predictor.original_size = tuple(embedding.original_size)
-        predictor.input_size = tuple(embedding.input_size)
-        predictor.orig_h, predictor.orig_w = predictor.original_size
-        predictor.input_h, predictor.input_w = predictor.input_size
-        predictor.is_image_set = True
-        return predictor
-
-    def predict_objects(self, embedding: Embedding, objects: Sequence[ObjectPrompt]) -> list[np.ndarray]:
+    def predict_objects(self, embedding: "ImageEmbedding", objects: Sequence[ObjectPrompt]) -> list[np.ndarray]:
         """One HxW bool mask per object (the best of 3 for a single point, else the only one).
 
-        Each object runs through ``SamPredictor.predict`` with ``ObjectPrompt.predict_kwargs``.
+        Each object runs through ``SamPredictor.predict`` with ``ObjectPrompt.predict_kwargs``
+        on ``embedding`` (no encoder work).
         """
         with self.lock:
             self.adopt_thread_settings()
-            predictor = self.predictor_for(embedding)
+            predictor = self.predictor
+            if not (predictor.is_image_set and predictor.features is embedding.features):
+                predictor.set_image_embedding(embedding)  # keeps the decoder's per-image work otherwise
             masks = []
             for obj in objects:
                 out, scores, _ = predictor.predict(**obj.predict_kwargs())
@@ -402,46 +283,6 @@ class SamEngine:
             return masks
 
 
-def drain(generator: Generator[Any, None, Any]) -> Any:
-    """Run a progress generator to the end and return its return value."""
-    while True:
-        try:
-            next(generator)
-        except StopIteration as stop:
-            return stop.value
-
-
 def objects_to_labels(masks: Sequence[np.ndarray], shape: tuple[int, int], dtype: Any = np.uint32) -> np.ndarray:
-    """Paint masks into an HxW label image with ids 1..K (later masks over earlier ones)."""
-    labels = np.zeros(shape, dtype=dtype)
-    for i, mask in enumerate(masks, start=1):
-        labels[np.asarray(mask, dtype=bool)] = i
-    return labels
-
-
-SpecOrModel = Union[ModelSpec, str, "os.PathLike[str]", Any]
-
-
-def as_spec(model: SpecOrModel, device: str = "auto") -> Optional[ModelSpec]:
-    """Interpret a ``model=`` argument: a ModelSpec, a registry type, or a checkpoint path.
-
-    Returns None for a ``Sam`` module or a ``SamPredictor`` (use them directly).
-
-    Raises:
-        ValueError: a string that is neither a registry type nor an existing file.
-    """
-    from ..build import MODEL_CONFIGS
-
-    if isinstance(model, ModelSpec):
-        return model
-    if isinstance(model, (str, os.PathLike)):
-        text = os.fspath(model)
-        if text in MODEL_CONFIGS or text == "default":
-            return ModelSpec("vit_h" if text == "default" else text, None, device)
-        if os.path.isfile(text):
-            return ModelSpec("auto", text, device)
-        raise ValueError(
-            f"model must be a registry type ({', '.join(MODEL_CONFIGS)}), a checkpoint file, a Sam module "
-            f"or a SamPredictor; {text!r} is none of these."
-        )
-    return None
+    """Paint object masks into an HxW label image with ids 1..K (see :func:`napari_sam.utils.labels.paint_masks`)."""
+    return paint_masks(masks, shape, dtype=dtype)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from ..utils.labels import paint_masks
 from .prompts import SliceSpec
 
 Writer = Callable[[tuple[np.ndarray, ...], np.ndarray], None]
@@ -56,7 +57,8 @@ def plan_commit(
         spec: the slice the masks belong to.
         masks: HxW bool masks in the slice's (row, col) frame; empty masks get no id.
         first_id: id of the first object; default :func:`next_free_id`. Objects get
-            consecutive ids; later objects win where masks overlap.
+            consecutive ids; where masks overlap, the smaller object stays visible
+            (:func:`napari_sam.utils.labels.paint_masks`).
         preserve_existing: leave pixels that already carry a label untouched (default), so
             committing never erases an earlier object or a label painted by hand.
 
@@ -72,8 +74,7 @@ def plan_commit(
     plane = np.asarray(labels[spec.region()])
     if spec.row_axis > spec.col_axis:
         plane = plane.T
-    painted = np.zeros(spec.plane_shape, dtype=np.int64)
-    ids = []
+    kept, ids = [], []
     for mask in masks:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != spec.plane_shape:
@@ -82,11 +83,12 @@ def plan_commit(
             mask = mask & (plane == 0)
         if not mask.any():
             continue
-        painted[mask] = next_id
+        kept.append(mask)
         ids.append(next_id)
         next_id += 1
     if not ids:
         return None
+    painted = paint_masks(kept, spec.plane_shape, ids, dtype=np.int64)
     changed = painted > 0
     indices = spec.indices(changed)
     before = np.asarray(labels[indices]).copy()

@@ -147,6 +147,14 @@ class SliceSpec:
             plane = np.swapaxes(plane, 0, 1)
         return plane
 
+    def put(self, target: Any, plane: np.ndarray) -> None:
+        """Write an HxW plane (in this slice's (row, col) frame) into the nD ``target`` at this slice.
+
+        The inverse of :meth:`take` for label data: ``target[region] = plane``, transposed back
+        when the display is transposed. Replaces the whole slice.
+        """
+        target[self.region()] = plane.T if self.row_axis > self.col_axis else plane
+
     def on_slice(self, coords: np.ndarray) -> np.ndarray:
         """Which nD data positions (N x ndim) lie on this slice (bool mask of length N).
 

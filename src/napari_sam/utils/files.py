@@ -1,27 +1,58 @@
-"""File helpers shared by the command line tool and the COCO export."""
+"""Atomic file writes: readers see the old file (or folder) or the complete new one, never half of it."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 
-def write_json_atomically(path: Union[str, "os.PathLike[str]"], payload: Any) -> Path:
-    """Write ``payload`` as JSON to ``path`` through a temporary sibling and a rename.
+@contextmanager
+def atomic_write(path: PathLike, *, directory: bool = False) -> Iterator[Path]:
+    """Write through a temporary sibling of ``path`` that is renamed into place on success.
 
-    Readers see the old file or the complete new one, never a half-written file; on any
-    error the temporary file is removed and the error propagates.
+    Use as ``with atomic_write(out) as temp: save(temp)``. The temporary file (not created:
+    write it yourself) or folder (created, empty) lies in the same folder as ``path``, so the
+    final rename is atomic on one file system. On any error it is removed and the error
+    propagates; ``path`` is untouched.
+
+    Args:
+        path: the final file or folder; an existing file is replaced, an existing folder is
+            removed just before the rename (the caller decides whether that is allowed).
+        directory: write a folder instead of a file.
+
+    Yields:
+        The temporary path to write.
     """
     path = Path(path)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix, suffix = f".{path.name}.", ".tmp"
+    if directory:
+        temp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=path.parent))
+    else:
+        handle, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+        os.close(handle)
+        temp = Path(name)
     try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(payload, file)
+        yield temp
+        if directory and path.is_dir():
+            shutil.rmtree(path)
         os.replace(temp, path)
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        if temp.is_dir():
+            shutil.rmtree(temp, ignore_errors=True)
+        else:
+            temp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_json_atomically(path: PathLike, payload: Any) -> Path:
+    """Write ``payload`` as JSON to ``path`` atomically (see :func:`atomic_write`)."""
+    with atomic_write(path) as temp, open(temp, "w") as file:
+        json.dump(payload, file)
+    return Path(path)
