@@ -55,7 +55,7 @@ class _RegistryView(Mapping[str, Any]):
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._names():
-            raise KeyError(name)
+            raise KeyError(f"Unknown SAM model type {name!r}; expected one of {', '.join(self._names())}.")
         return self._value(name)
 
     def __iter__(self) -> Iterator[str]:
@@ -100,16 +100,13 @@ def build_sam_vit_b(checkpoint: Optional[PathLike] = None) -> "Sam":
     return build_sam_type("vit_b", checkpoint)
 
 
-def build_sam_vit_small(checkpoint: Optional[PathLike] = None) -> "Sam":
-    """The project's small SAM; random weights without ``checkpoint`` (``napari_sam.build_sam("vit_small")``
-    loads the bundled trained weights)."""
-    return build_sam_type("vit_small", checkpoint)
-
-
-def build_sam_vit_test(checkpoint: Optional[PathLike] = None) -> "Sam":
-    """The tiny test-only SAM (random weights without ``checkpoint``)."""
-    return build_sam_type("vit_test", checkpoint)
-
+def __getattr__(name: str) -> Callable[..., "Sam"]:
+    """``build_sam_<type>`` for every other registry type (``build_sam_vit_small``, ...), as the
+    reference's ``build_sam_vit_*`` (PEP 562): random weights without ``checkpoint``."""
+    model_type = name[len("build_sam_"):] if name.startswith("build_sam_") else None
+    if model_type is not None and model_type in registry.model_types():
+        return _builder(model_type)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _BUILDERS.update(vit_h=build_sam_vit_h, vit_l=build_sam_vit_l, vit_b=build_sam_vit_b)
@@ -126,8 +123,6 @@ __all__ = [
     "build_sam_vit_b",
     "build_sam_vit_h",
     "build_sam_vit_l",
-    "build_sam_vit_small",
-    "build_sam_vit_test",
     "detect_model_type",
     "load_state_dict_strict",
     "read_state_dict",

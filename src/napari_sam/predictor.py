@@ -73,9 +73,8 @@ class SamPredictor:
     Args:
         sam_model: the model.
         precision: "fp32" (default, matches the reference), "bf16" (CPU or GPU, mask IoU >= 0.97
-            against fp32; on a CPU it is faster only where torch's bf16 matrix products
-            are: about 2x with an earlier torch, but slower than fp32 with torch 2.14.1 on
-            the project's 2-core machine, see ``benchmarks/bench_bf16_gemm.py``) or "fp16"
+            against fp32; on a CPU it is faster only where torch's bf16 matrix products are
+            faster than fp32 ones, which ``experiments/bench_bf16_gemm.py`` measures) or "fp16"
             (GPU only). It applies to the image encoder, and to the mask decoder for
             batches of at least 16 prompts.
 
@@ -339,8 +338,7 @@ class SamPredictor:
         points = (point_coords, point_labels) if point_coords is not None else None
         batch = next((t.shape[0] for t in (point_coords, boxes, mask_input) if t is not None), 1)
         # Reduced precision pays off in the decoder only for larger prompt batches; for a
-        # few prompts the casts cost more than they save (measured on CPU: 1.5x slower at
-        # B=1, 1.4x faster at B=64), so small batches run in float32.
+        # few prompts the casts cost more than they save, so small batches run in float32.
         precision = self.precision if batch >= DECODER_REDUCED_PRECISION_MIN_BATCH else "fp32"
         with autocast_context(self.device, precision):
             sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)

@@ -14,6 +14,7 @@ from .registry import (
     architecture,
     as_spec,
     build_model,
+    bundled_model_type,
     canonical_type,
     create_model,
     default_model_type,
@@ -31,7 +32,7 @@ from .state_dict import CheckpointError, read_state_dict
 
 __all__ = [
     "AUTO", "DEVICES", "CheckpointError", "ModelEntry", "ModelSpec", "SamConfig", "amg_thresholds", "architecture",
-    "as_spec", "build_model", "canonical_type", "create_model", "default_model_type", "detect_model_type",
+    "as_spec", "build_model", "bundled_model_type", "canonical_type", "create_model", "default_model_type", "detect_model_type",
     "load_weights", "model_choices", "model_entry", "model_types", "read_state_dict", "register_model",
     "resolve_device", "unregister_model",
 ]

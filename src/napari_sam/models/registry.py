@@ -229,6 +229,19 @@ def default_model_type(cache_dir: Optional[PathLike] = None) -> str:
     raise KeyError("No model is available offline: the bundled weights are missing; reinstall napari-sam.")
 
 
+def bundled_model_type() -> str:
+    """The type whose weights ship inside the package (the offline default and the type the
+    training command line builds from scratch by default).
+
+    Raises:
+        KeyError: no registered type has bundled weights.
+    """
+    for name, entry in _MODELS.items():
+        if entry.weights is not None and entry.weights.bundled is not None:
+            return name
+    raise KeyError("No registered model type has bundled weights.")
+
+
 def detect_model_type(state_dict: Mapping[str, Any]) -> str:
     """Tell the registry type of a SAM state dict from its tensor shapes.
 
@@ -366,6 +379,8 @@ def create_model(
     if checkpoint is None:
         name = canonical_type(requested) if requested is not None else default_model_type(cache_dir)
         entry = _MODELS.get(name)
+        if entry is None and name not in weights.KNOWN_WEIGHTS:
+            model_entry(name)  # raises KeyError listing the known types
         if entry is not None and not entry.user_facing and not _has_known_weights(name):
             return _random_model(entry).to(target).eval()
         path = weights.resolve_checkpoint(

@@ -294,7 +294,7 @@ def fetch_weights(
         if not entry.bundled.is_file():
             raise DownloadError(
                 f"The bundled {entry.name} weights are missing from the package ({entry.bundled}). In a source "
-                f"checkout, create them with 'python scripts/train_small_model.py', or reinstall napari-sam."
+                f"checkout, create them with 'python experiments/train_small_model.py', or reinstall napari-sam."
             )
         return entry.bundled
     folder = get_cache_dir(cache_dir).resolve()

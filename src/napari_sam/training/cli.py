@@ -49,7 +49,6 @@ RUN_FILE = "run.json"
 STATE_FILE = "training_state.pt"
 MODEL_FILE = "model.pth"
 HISTORY_FILE = "history.jsonl"
-MODEL_TYPES = ("vit_small", "vit_test", "vit_b", "vit_l", "vit_h")
 
 RESUME_HELP = (
     "Resumable: the run writes OUT_DIR/training_state.pt every --checkpoint-every steps; running the same "
@@ -118,6 +117,9 @@ def _add_training_options(parser: argparse.ArgumentParser, *, steps: int, lr: fl
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (built on demand; imports neither torch nor the model code)."""
+    from ..models import bundled_model_type, model_types
+
+    bundled = bundled_model_type()
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Train Segment Anything from scratch on synthetic images, or fine-tune it on your annotated "
@@ -131,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(nuclei, cells, shapes). " + RESUME_HELP,
     )
     scratch.add_argument("out_dir", metavar="OUT_DIR", help="Folder for the training state and model.pth (created).")
-    scratch.add_argument("--model-type", default="vit_small",
-                         help=f"Model type to build: {', '.join(MODEL_TYPES)} (default: vit_small).")
+    scratch.add_argument("--model-type", default=bundled,
+                         help=f"Model type to build: {', '.join(model_types())} (default: {bundled}).")
     scratch.add_argument("--kind", choices=("nuclei", "cells", "shapes", "phase"), default=None,
                          help="Only this kind of synthetic image (default: a random mix of nuclei, cells, shapes).")
     scratch.add_argument("--occlusion-probability", type=float, default=1.0,
@@ -155,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--labels", nargs="+", required=True, metavar="PATH",
                           help="Label image files or folders, paired with --images in the same order; each an "
                           "integer HxW image of its image's height and width.")
-    finetune.add_argument("--model", default="vit_small",
-                          help="Starting weights: a model type with known weights (vit_small, the bundled model; "
-                          "vit_b, vit_l, vit_h, downloaded once), or a checkpoint path (default: vit_small).")
+    finetune.add_argument("--model", default=bundled,
+                          help=f"Starting weights: a model type with known weights ({bundled}, the bundled model; "
+                          f"{', '.join(t for t in model_types(user_facing=True) if t != bundled)}, downloaded once), "
+                          f"or a checkpoint path (default: {bundled}).")
     finetune.add_argument("--decoder-only", action="store_true",
                           help="Freeze the image encoder and train only the prompt encoder and mask decoder "
                           "(image embeddings computed once: fast on a CPU, even for vit_h).")
@@ -357,8 +360,10 @@ class _ProgressBar:
 def _run(args: argparse.Namespace) -> int:
     out = Path(args.out_dir)
     if args.command == "scratch":
-        if args.model_type not in MODEL_TYPES:
-            raise CliError(f"Unknown --model-type {args.model_type!r}; expected one of {', '.join(MODEL_TYPES)}.")
+        from ..models import model_types
+
+        if args.model_type not in model_types():
+            raise CliError(f"Unknown --model-type {args.model_type!r}; expected one of {', '.join(model_types())}.")
         model_spec = args.model_type
         inputs: dict[str, Any] = {
             "kind": args.kind, "occlusion_probability": args.occlusion_probability,
@@ -385,22 +390,22 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    from ..build import MODEL_CONFIGS, CheckpointError, build_sam_from_config
-    from ..checkpoints import DownloadError, build_sam
+    from ..models import CheckpointError, build_model, create_model, resolve_device
+    from ..models.weights import DownloadError
     from . import trainer
     from .data import AnnotatedImages, SyntheticData
     from .initialization import init_from_scratch
 
     try:
-        device = torch.device(args.device)
-    except RuntimeError as error:
+        device = torch.device(resolve_device(args.device))
+    except ValueError as error:
         raise CliError(f"Bad --device {args.device!r}: {error}") from error
     if args.command == "scratch":
         # Seeded before building: init_from_scratch re-draws linear layers and norms only, and the
         # convolutions, embeddings and random Fourier features are drawn at construction.
         torch.manual_seed(config.seed)
         model = init_from_scratch(
-            build_sam_from_config(MODEL_CONFIGS[args.model_type]), seed=config.seed,
+            build_model(args.model_type), seed=config.seed,
             tie_cross_attention=args.tie_cross_attention,
         )
         model.to(device)
@@ -408,7 +413,7 @@ def _run(args: argparse.Namespace) -> int:
         what = f"{args.model_type} from scratch on synthetic images"
     else:
         try:
-            model = build_sam(model_spec, device=device)
+            model = create_model(model_spec, device=device)
         except (CheckpointError, DownloadError, FileNotFoundError, KeyError) as error:
             message = error.args[0] if isinstance(error, KeyError) and error.args else error
             raise CliError(f"Could not load --model {args.model!r}: {message}") from error
