@@ -1,4 +1,5 @@
-"""napari started without importing triton first: opening napari-sam must not crash the process.
+"""napari started without importing triton first: opening napari-sam must not crash the process,
+and importing the plugin changes nothing in ``sys.modules``.
 
 triton loaded after Mesa's libLLVM segfaults (see ``napari_sam._napari``). The test suite imports
 triton before any viewer (tests/gui/conftest.py), so this runs in a fresh interpreter that opens a
@@ -38,6 +39,10 @@ SCRIPT = textwrap.dedent(
     if not _llvm_loaded():
         print("NO_LLVM")
         sys.exit(0)
+    assert sys.modules.get("triton", "absent") == "absent", "importing the plugin changed sys.modules"
+    from napari_sam._napari._widget import SamWidget
+
+    SamWidget(viewer)  # opening the widget creates the viewer's session, which applies the guard
     import torchvision.ops  # torch._dynamo -> triton: crashes here without the guard
 
     viewer.add_image(np.ones((64, 64), dtype=np.uint8))

@@ -10,10 +10,12 @@ after its window, hence the GL context, exists.
 
 The cure is to import triton first: ``make run`` and the test suite import ``torchvision``
 before napari opens a window. When napari was started some other way (``napari``, a script),
-:func:`_guard_triton` runs at import and, only if the crash is certain (triton installed but
-not imported, ``libLLVM`` already loaded), marks triton unavailable for this process and logs a
-warning that says how to avoid it. napari-sam never uses triton (no ``torch.compile``). Set
-``NAPARI_SAM_ALLOW_TRITON=1`` to skip the guard.
+:func:`guard_triton` runs where napari-sam starts its model work in a viewer (when the viewer's
+session is created, before anything imports torchvision), not when this package is imported:
+only if the crash is certain (triton installed but not imported, ``libLLVM`` already loaded)
+it marks triton unavailable for this process and logs a warning that says how to avoid it.
+napari-sam never uses triton (no ``torch.compile``). Set ``NAPARI_SAM_ALLOW_TRITON=1`` to
+skip the guard (then import torchvision before napari opens its window).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _llvm_loaded() -> bool:
         return False
 
 
-def _guard_triton() -> bool:
+def guard_triton() -> bool:
     """Mark triton unavailable when importing it now would crash; return whether it did."""
     if os.environ.get("NAPARI_SAM_ALLOW_TRITON") == "1" or "triton" in sys.modules:
         return False
@@ -49,6 +51,3 @@ def _guard_triton() -> bool:
         "window (as `make run` does), or set NAPARI_SAM_ALLOW_TRITON=1 to skip this check."
     )
     return True
-
-
-_guard_triton()
