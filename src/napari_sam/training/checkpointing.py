@@ -9,13 +9,13 @@ state dict. Every write is atomic: a temporary file, then a rename.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..utils.files import atomic_write
 from .config import TrainConfig
 
 STATE_FILE = "training_state.pt"
@@ -26,9 +26,8 @@ MODEL_FILE = "model.pth"
 def save_atomic(obj: object, path: Path) -> None:
     """``torch.save(obj, path)`` through a temporary file and a rename (parents created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as temp:
+        torch.save(obj, temp)
 
 
 @dataclass
@@ -75,6 +74,5 @@ def truncate_history(path: Path, last_step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as temp:
+        temp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

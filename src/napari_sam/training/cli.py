@@ -309,9 +309,10 @@ def _differences(previous: dict, current: dict, prefix: str = "") -> str:
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from ..utils.files import atomic_write
+
+    with atomic_write(path) as temp:
+        temp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- running

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Union
@@ -19,7 +19,8 @@ def atomic_write(path: PathLike, *, directory: bool = False) -> Iterator[Path]:
 
     Use as ``with atomic_write(out) as temp: save(temp)``. The temporary file (not created:
     write it yourself) or folder (created, empty) lies in the same folder as ``path``, so the
-    final rename is atomic on one file system. On any error it is removed and the error
+    final rename is atomic on one file system; the result has the permissions a plain write
+    would give it. On any error it is removed and the error
     propagates; ``path`` is untouched.
 
     Args:
@@ -31,13 +32,10 @@ def atomic_write(path: PathLike, *, directory: bool = False) -> Iterator[Path]:
         The temporary path to write.
     """
     path = Path(path)
-    prefix, suffix = f".{path.name}.", ".tmp"
+    # A unique sibling name, created with the usual permissions (mkstemp's would be 0600).
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     if directory:
-        temp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=path.parent))
-    else:
-        handle, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
-        os.close(handle)
-        temp = Path(name)
+        temp.mkdir()
     try:
         yield temp
         if directory and path.is_dir():
