@@ -80,3 +80,22 @@ def test_automatic_widget_uses_the_sessions_loaded_model(make_napari_viewer, qtb
     assert session_for(viewer).engine.model is model  # no second model was loaded
     assert viewer.layers["coins automatic"].data.shape == (64, 80)
     assert isinstance(viewer.layers["coins automatic"].data, np.ndarray)
+
+
+def test_a_deleted_widget_stops_following_the_session(make_napari_viewer, menu_test_type, qtbot):
+    from napari_sam._napari._automatic_widget import AutomaticSegmentationWidget
+    from napari_sam._napari._session import session_for
+    from napari_sam._napari._widget import SamWidget
+
+    viewer = make_napari_viewer()
+    session = session_for(viewer)
+    automatic = AutomaticSegmentationWidget(viewer)
+    following = len(session._listeners)
+    interactive = SamWidget(viewer)
+    assert len(session._listeners) > following
+    with qtbot.waitSignal(interactive.native.destroyed, timeout=5_000):
+        interactive.native.deleteLater()
+    qtbot.wait(10)
+    assert len(session._listeners) == following  # its picker and the widget itself let go
+    automatic._picker._model.value = "vit_menu_test"  # would touch deleted Qt objects otherwise
+    assert session.spec.model_type == "vit_menu_test"

@@ -209,8 +209,8 @@ def test_newer_request_supersedes_stale_one(open_widget, qtbot):
     viewer, image, widget = open_widget(stack, contrast_limits=(200, 3200))
     wait_idle(qtbot, widget)
     shown = []
-    original = widget._show_current
-    widget._show_current = lambda spec, masks: (shown.append(spec.index[0]), original(spec, masks))
+    original = widget._current.show
+    widget._current.show = lambda image, spec, masks: (shown.append(spec.index[0]), original(image, spec, masks))[1]
     widget.points_layer.data = np.array([[1, 300, 200], [3, 400, 450]], float)
     widget._timer.stop()
     viewer.dims.set_point(0, 1)

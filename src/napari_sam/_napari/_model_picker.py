@@ -54,6 +54,7 @@ class ModelPicker:
         for control in self.widgets:
             control.changed.connect(self._apply)
         self.disconnect = session.on_model_changed(self._show)
+        self._model.native.destroyed.connect(lambda *_: self.disconnect())  # the host widget is gone
         if not session.has_model:
             self._apply()
 

@@ -71,7 +71,7 @@ class SegmentationSession:
 
     def choose(self, spec: ModelSpec) -> None:
         """Choose the model (loaded on first use); every widget of the viewer follows."""
-        if spec != self.engine.spec or self.engine.model is None and self.engine.spec is None:
+        if spec != self.engine.spec:
             self.engine.set_spec(spec)
             self._notify()
 

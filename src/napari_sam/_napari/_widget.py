@@ -31,11 +31,12 @@ if TYPE_CHECKING:
     import napari.viewer
 from qtpy.QtCore import QObject, QTimer, Signal
 
-from ..interactive.engine import SamEngine, display_rgb, objects_to_labels
-from ..interactive.history import CommitHistory, next_free_id, plan_commit
-from ..interactive.prompts import NEGATIVE, POSITIVE, ObjectPrompt, SliceSpec, build_prompts
+from ..interactive.engine import SamEngine, display_rgb
+from ..interactive.prompts import ObjectPrompt, SliceSpec
 from . import _layers
 from ._model_picker import ModelPicker
+from ._prompt_layers import flip_selected_points, polarity, read_prompts, remove_prompts_on_slice, shift_pressed
+from ._objects import CURRENT_NAME, OUTPUT_NAME, CurrentObject, commit_objects, redo_commit, undo_commit
 from ._session import session_for, unwrap_viewer
 
 _logger = logging.getLogger(__name__)
@@ -122,8 +123,7 @@ class SamWidget(Container):
         self._ensuring = False
         self._resetting = False
         self._negative_mode = False
-        self._current: Optional[tuple[SliceSpec, list[np.ndarray]]] = None
-        self._current_region: Optional[tuple[Any, ...]] = None
+        self._current = CurrentObject(self.viewer, on_layer_created=self._reset_layer_choices)
         self._last_outside = 0
         self._connected: list[tuple[Any, Any]] = []
         self._image_connected: Optional[Image] = None
@@ -276,8 +276,7 @@ class SamWidget(Container):
                     emitter.disconnect(callback)
                     self._connected.remove((emitter, callback))
         self._image_connected = image
-        self._current = None
-        self._current_region = None
+        self._current = CurrentObject(self.viewer, on_layer_created=self._reset_layer_choices)
         if image is None:
             return
         self._listen(image.events.contrast_limits, self.schedule)
@@ -302,8 +301,8 @@ class SamWidget(Container):
         points = find(viewer, "points", image) or _layers.make_points_layer(viewer, image)
         boxes = find(viewer, "boxes", image) or _layers.make_boxes_layer(viewer, image)
         if find(viewer, "current", image) is None:
-            _layers.make_labels_layer(viewer, image, "current", "SAM current object", opacity=0.6)
-        output = find(viewer, "output", image) or _layers.make_labels_layer(viewer, image, "output", "SAM labels")
+            _layers.make_labels_layer(viewer, image, "current", CURRENT_NAME, opacity=0.6)
+        output = find(viewer, "output", image) or _layers.make_labels_layer(viewer, image, "output", OUTPUT_NAME)
         self._reset_layer_choices()
         self._points_combo.value = points
         self._boxes_combo.value = boxes
@@ -369,7 +368,7 @@ class SamWidget(Container):
         self._timer.start()
 
     def _on_slice_changed(self, event: Any = None) -> None:
-        self._clear_current_display()
+        self._current.clear(self.image_layer)
         self.schedule()
 
     def _on_prompts_changed(self, event: Any = None) -> None:
@@ -378,16 +377,14 @@ class SamWidget(Container):
             return
         points = self.points_layer
         if points is not None and action.endswith("added"):
-            points.feature_defaults = {"label": NEGATIVE if self._negative_mode else POSITIVE}
+            points.feature_defaults = {"label": polarity(self._negative_mode)}
         self.schedule()
 
     def _on_points_press(self, layer: Points, event: Any) -> None:
         """Shift + click in add mode adds a negative point (or a positive one in negative mode)."""
         if layer.mode != "add":
             return
-        shift = "Shift" in [str(getattr(m, "name", m)) for m in event.modifiers]
-        negative = shift != self._negative_mode
-        layer.feature_defaults = {"label": NEGATIVE if negative else POSITIVE}
+        layer.feature_defaults = {"label": polarity(shift_pressed(event) != self._negative_mode)}
 
     # -- requests and workers -------------------------------------------------------------------
     def make_request(self) -> Optional[_Request]:
@@ -397,10 +394,7 @@ class SamWidget(Container):
             self._status.value = "No image layer: open an image first."
             return None
         try:
-            spec = _layers.current_slice(self.viewer, image)
-            points, labels = _layers.prompt_points(self.points_layer, image)
-            boxes = _layers.prompt_boxes(self.shapes_layer, image)
-            prompts = build_prompts(spec, points, labels, boxes)
+            spec, prompts = read_prompts(self.viewer, image, self.points_layer, self.shapes_layer)
         except ValueError as error:
             show_warning(str(error))
             return None
@@ -489,7 +483,7 @@ class SamWidget(Container):
         request, masks = result
         if request.id != self._latest_id or request.image is not self.image_layer:
             return  # superseded by a newer request
-        self._show_current(request.spec, masks)
+        self._current.show(request.image, request.spec, masks)
         n = len(masks)
         self._status.value = (
             f"Current: {n} object(s) from the prompts, not committed yet (C commits)." if n
@@ -499,54 +493,14 @@ class SamWidget(Container):
             self._commit_when_ready = False
             self.commit()
 
-    # -- current object -------------------------------------------------------------------------
-    def _ensure_current_layer(self) -> Optional[Labels]:
-        image = self.image_layer
-        if image is None:
-            return None
-        layer = self.current_layer
-        if layer is None or tuple(layer.data.shape) != _layers.spatial_shape(image):
-            layer = _layers.make_labels_layer(self.viewer, image, "current", "SAM current object", opacity=0.6)
-            self._current_region = None
-            self._reset_layer_choices()
-        return layer
-
-    def _clear_current_display(self) -> None:
-        layer = self.current_layer
-        if layer is not None and self._current_region is not None:
-            layer.data[self._current_region] = 0
-            layer.refresh()
-        self._current_region = None
-        self._current = None
-
-    def _show_current(self, spec: SliceSpec, masks: list[np.ndarray]) -> None:
-        layer = self._ensure_current_layer()
-        if layer is None:
-            return
-        if self._current_region is not None:
-            layer.data[self._current_region] = 0
-        spec.put(layer.data, objects_to_labels(masks, spec.plane_shape, layer.data.dtype))
-        self._current_region = spec.region()
-        self._current = (spec, masks)
-        layer.refresh()
-
-    # -- commits --------------------------------------------------------------------------------
-    def _history(self, layer: Labels) -> CommitHistory:
-        return self.session.history(layer)
-
-    def _writer(self, layer: Labels):
-        def write(indices: tuple[np.ndarray, ...], values: np.ndarray) -> None:
-            layer.data_setitem(indices, np.asarray(values))  # recorded in napari's Labels undo history
-
-        return write
-
+    # -- current object and commits ----------------------------------------------------------
     def _ensure_output(self) -> Optional[Labels]:
         layer = self.output_layer
         image = self.image_layer
         if image is None:
             return None
         if layer is None:
-            layer = _layers.make_labels_layer(self.viewer, image, "output", "SAM labels")
+            layer = _layers.make_labels_layer(self.viewer, image, "output", OUTPUT_NAME)
             self._reset_layer_choices()
             self._output_combo.value = layer
         if tuple(layer.data.shape) != _layers.spatial_shape(image):
@@ -567,36 +521,32 @@ class SamWidget(Container):
             self._commit_when_ready = True
             self._status.value = "Committing when the prediction is ready..."
             return None
-        if not self._current or not self._current[1]:
+        if self._current.spec is None or not self._current.masks:
             self._status.value = "Nothing to commit: add points or a box first."
             return None
         output = self._ensure_output()
         if output is None:
             return None
-        spec, masks = self._current
         try:
-            edit = plan_commit(output.data, spec, masks, first_id=next_free_id(output.data))
+            edit = commit_objects(self.session, output, self._current.spec, self._current.masks)
         except ValueError as error:
             show_error(str(error))
             return None
         if edit is None:
             self._status.value = "Nothing new to commit (the pixels already carry labels)."
             return None
-        self._history(output).commit(edit, self._writer(output))
         self._status.value = f"Committed label(s) {', '.join(map(str, edit.ids))} into {output.name!r}."
         self.clear_prompts()
         return edit.ids
 
     def undo(self, _: Any = None) -> None:
         """Undo the last commit into the output layer."""
-        output = self.output_layer
-        edit = None if output is None else self._history(output).undo(self._writer(output))
+        edit = undo_commit(self.session, self.output_layer)
         self._status.value = f"Undid label(s) {edit.ids}." if edit else "Nothing to undo."
 
     def redo(self, _: Any = None) -> None:
         """Redo the last undone commit."""
-        output = self.output_layer
-        edit = None if output is None else self._history(output).redo(self._writer(output))
+        edit = redo_commit(self.session, self.output_layer)
         self._status.value = f"Redid label(s) {edit.ids}." if edit else "Nothing to redo."
 
     def clear_prompts(self, _: Any = None) -> None:
@@ -609,18 +559,8 @@ class SamWidget(Container):
         except ValueError as error:
             show_warning(str(error))
             return
-        points, shapes = self.points_layer, self.shapes_layer
-        if points is not None and len(points.data):
-            on = spec.on_slice(_layers.to_image_frame(points, image, points.data))
-            if on.any():
-                points.selected_data = set(np.flatnonzero(on).tolist())
-                points.remove_selected()
-        if shapes is not None and len(shapes.data):
-            on = [bool(spec.on_slice(_layers.to_image_frame(shapes, image, v)).all()) for v in shapes.data]
-            if any(on):
-                shapes.selected_data = {i for i, flag in enumerate(on) if flag}
-                shapes.remove_selected()
-        self._clear_current_display()
+        remove_prompts_on_slice(image, spec, self.points_layer, self.shapes_layer)
+        self._current.clear(self.image_layer)
 
     def toggle_polarity(self, _: Any = None) -> None:
         """Switch new points between positive and negative.
@@ -629,18 +569,10 @@ class SamWidget(Container):
         napari keeps the last added point selected, so nothing is flipped there).
         """
         self._negative_mode = not self._negative_mode
-        label = NEGATIVE if self._negative_mode else POSITIVE
+        label = polarity(self._negative_mode)
         points = self.points_layer
         if points is not None:
-            selected = sorted(points.selected_data) if points.mode == "select" else []
-            if selected:
-                features = points.features.copy()
-                for i in selected:
-                    features.loc[features.index[i], "label"] = (
-                        POSITIVE if features["label"].iloc[i] == NEGATIVE else NEGATIVE
-                    )
-                points.features = features
-                points.refresh_colors()
+            if flip_selected_points(points):
                 self.schedule()
             points.feature_defaults = {"label": label}
         self._status.value = f"New points are {label}."

@@ -6,11 +6,11 @@ from typing import Any, Union
 
 from napari.layers import Image, Labels, Points, Shapes
 
-from ..interactive.engine import SamEngine, display_rgb, objects_to_labels
-from ..interactive.history import next_free_id, plan_commit
-from ..interactive.prompts import build_prompts
+from ..interactive.engine import SamEngine, display_rgb
 from ..models import as_spec
 from . import _layers
+from ._prompt_layers import read_prompts
+from ._objects import OUTPUT_NAME, CurrentObject, commit_objects
 from ._session import SegmentationSession, session_for
 from ._widget import widget_for
 
@@ -113,9 +113,7 @@ def segment(
     if shapes is None:
         shapes = widget.shapes_layer if same_image else _layers.find_layer(viewer, "boxes", image)
 
-    spec = _layers.current_slice(viewer, image)
-    coords, labels = _layers.prompt_points(points, image)
-    prompts = build_prompts(spec, coords, labels, _layers.prompt_boxes(shapes, image))
+    spec, prompts = read_prompts(viewer, image, points, shapes)
     if not prompts.objects:
         raise ValueError(
             f"No prompts on the current slice of {image.name!r}: add positive points or boxes "
@@ -133,19 +131,12 @@ def segment(
     masks = engine.predict_objects(embedding, prompts.objects)
 
     if not commit:
-        target = _layers.find_layer(viewer, "current", image)
-        if target is None:
-            target = _layers.make_labels_layer(viewer, image, "current", "SAM current object", opacity=0.6)
-        spec.put(target.data, objects_to_labels(masks, spec.plane_shape, target.data.dtype))
-        target.refresh()
-        return target
+        return CurrentObject(viewer).show(image, spec, masks)
 
     target = _layer(viewer, labels_layer, Labels, "labels_layer")
     if target is None:
         target = widget.output_layer if same_image else _layers.find_layer(viewer, "output", image)
     if target is None:
-        target = _layers.make_labels_layer(viewer, image, "output", "SAM labels")
-    edit = plan_commit(target.data, spec, masks, first_id=next_free_id(target.data))
-    if edit is not None:
-        session.history(target).commit(edit, target.data_setitem)
+        target = _layers.make_labels_layer(viewer, image, "output", OUTPUT_NAME)
+    commit_objects(session, target, spec, masks)
     return target
