@@ -32,7 +32,7 @@ def main() -> None:
 
     viewer.add_image(data.coins(), name="coins")
     widget = SamWidget(viewer)
-    widget._model_combo.value = "vit_small"
+    widget._picker._model.value = "vit_small"
     viewer.window.add_dock_widget(widget, name="Segment Anything")
     app = QApplication.instance()
 
