@@ -131,3 +131,48 @@ def test_bf16_large_batch_then_single_prompt(model, groceries):
     single32, _, _ = fp32.predict(**prompt)
     for a, b in zip(single16, single32):
         assert np.logical_and(a, b).sum() / np.logical_or(a, b).sum() >= 0.97
+
+
+def test_embedding_steps_and_a_stored_embedding_give_the_same_masks(model):
+    """The public embedding API: steps with progress, then predicting from a stored embedding
+    in another predictor (no encoder work) gives the masks of set_image."""
+    from napari_sam.predictor import ImageEmbedding
+
+    image = data.coins()  # 303x384 grayscale
+    direct = SamPredictor(model)
+    direct.set_image(image)
+    steps = SamPredictor(model).embedding_steps(image)
+    progress = []
+    while True:
+        try:
+            progress.append(next(steps))
+        except StopIteration as stop:
+            embedding = stop.value
+            break
+    total = len(model.image_encoder.blocks) + 1
+    assert progress == [(step, total) for step in range(1, total + 1)]
+    assert isinstance(embedding, ImageEmbedding)
+    assert embedding.original_size == (303, 384) and embedding.input_size == direct.input_size
+    torch.testing.assert_close(embedding.features, direct.features, rtol=0, atol=0)
+    assert embedding.nbytes == embedding.features.numel() * 4
+
+    stored = SamPredictor(model)
+    stored.set_image_embedding(direct.image_embedding)
+    prompt = dict(point_coords=np.array([[200.0, 150.0]]), point_labels=np.array([1]))
+    for a, b in zip(direct.predict(**prompt), stored.predict(**prompt)):
+        np.testing.assert_array_equal(a, b)
+    assert (stored.orig_h, stored.orig_w) == (303, 384) and stored.is_image_set
+
+
+def test_set_image_embedding_rejects_what_does_not_fit(model):
+    from napari_sam.predictor import ImageEmbedding
+
+    predictor = SamPredictor(model)
+    with pytest.raises(RuntimeError, match="set_image"):
+        predictor.image_embedding  # noqa: B018
+    good = torch.zeros(1, 256, 64, 64)
+    with pytest.raises(ValueError, match=r"expects \(1, 256, 64, 64\)"):
+        predictor.set_image_embedding(ImageEmbedding(torch.zeros(1, 128, 32, 32), (10, 10), (1024, 1024)))
+    with pytest.raises(ValueError, match="long side 1024"):
+        predictor.set_image_embedding(ImageEmbedding(good, (10, 20), (256, 512)))
+    assert not predictor.is_image_set

@@ -224,7 +224,7 @@ class SamPredictor:
                 f"set_torch_image expects a 1x3xhxw tensor with long side {side} "
                 f"(apply predictor.transform.apply_image first); got shape {tuple(transformed_image.shape)}."
             )
-        total = len(encoder.blocks) + 2
+        total = len(encoder.blocks) + 1  # preprocessing, then each block (the neck ends the last step)
         input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
         with torch.no_grad():
             x = self.model.preprocess(transformed_image.to(self.device))

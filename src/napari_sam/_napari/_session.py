@@ -126,17 +126,7 @@ class SegmentationSession:
             The started worker (``quit()`` stops a generator at its next yield).
         """
         worker = create_worker(function, *args, _connect=handlers, _start_thread=False)
-        self._workers.add(worker)
+        self._workers.add(worker)  # held until finished, so a running worker is never garbage-collected
         worker.finished.connect(lambda: self._workers.discard(worker))
         worker.start()
         return worker
-
-    @property
-    def busy(self) -> bool:
-        """A worker of this session is running."""
-        return bool(self._workers)
-
-    def cancel_all(self) -> None:
-        """Ask every running worker to stop at its next yield."""
-        for worker in list(self._workers):
-            worker.quit()

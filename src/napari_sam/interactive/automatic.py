@@ -56,7 +56,8 @@ def records_to_labels(
         the features columns (one row per record, ``label`` = its id).
     """
     masks = [record["segmentation"] for record in records]
-    labels = paint_masks(masks, shape, range(offset + 1, offset + len(records) + 1), dtype=np.uint32)
+    labels = paint_masks(masks, shape, range(offset + 1, offset + len(records) + 1), dtype=np.uint32,
+                         areas=[record["area"] for record in records])
     features: dict[str, list] = {name: [] for name in FEATURE_COLUMNS}
     for i, record in enumerate(records):
         x0, y0, w, h = record["bbox"]

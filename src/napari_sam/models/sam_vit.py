@@ -9,7 +9,7 @@ sizes. The model registry (:mod:`napari_sam.models.zoo`) declares one config per
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 if TYPE_CHECKING:
     from ..modeling import Sam
@@ -83,30 +83,13 @@ class SamConfig:
         return Sam(image_encoder=encoder, prompt_encoder=prompt_encoder, mask_decoder=decoder).eval()
 
     def fits(self, state_dict: Mapping[str, Any]) -> bool:
-        """Whether a state dict's tensor shapes say it is a model of these sizes.
-
-        Reads the encoder width and grid from ``image_encoder.pos_embed`` (1xGxGxD), the depth
-        from the block indices, the global-attention blocks from the relative-position table
-        lengths (2G-1 rows for global blocks) and the embedding channels from the neck. Keys
-        that are missing make it not fit; the strict load reports the details.
-        """
-        pos = state_dict.get("image_encoder.pos_embed")
-        if pos is None or getattr(pos, "ndim", 0) != 4:
-            return False
-        blocks = {int(k.split(".")[2]) for k in state_dict if k.startswith("image_encoder.blocks.")}
-        depth = max(blocks) + 1 if blocks else 0
-        global_blocks = tuple(
-            sorted(
-                i for i in blocks
-                if f"image_encoder.blocks.{i}.attn.rel_pos_h" in state_dict
-                and state_dict[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 2 * pos.shape[1] - 1
-            )
-        )
-        neck = state_dict.get("image_encoder.neck.0.weight")
-        return (
-            (int(pos.shape[-1]), depth, global_blocks) == (self.embed_dim, self.depth, self.global_attn_indexes)
-            and int(pos.shape[1]) == self.grid
-            and (neck is None or int(neck.shape[0]) == self.prompt_embed_dim)
+        """Whether a state dict's tensor shapes say it is a model of these sizes (see
+        :func:`encoder_shape`); keys that are missing make it not fit, and the strict load then
+        reports the details."""
+        shape = encoder_shape(state_dict)
+        return shape is not None and shape.embed_dim == self.embed_dim and shape.depth == self.depth and (
+            shape.global_blocks == self.global_attn_indexes and shape.grid == self.grid
+            and shape.out_chans in (None, self.prompt_embed_dim)
         )
 
     def describe(self) -> str:
@@ -114,10 +97,48 @@ class SamConfig:
         return f"ViT encoder {self.embed_dim} wide, {self.depth} blocks, global attention in {list(self.global_attn_indexes)}"
 
 
-def describe_state_dict(state_dict: Mapping[str, Any]) -> str:
-    """What a state dict's image encoder looks like, for an error message that no config fits."""
+@dataclass(frozen=True)
+class EncoderShape:
+    """What a state dict's tensor shapes say about its ViT image encoder.
+
+    Attributes:
+        embed_dim: token width, from ``image_encoder.pos_embed`` (1xGxGxD).
+        grid: G, the embedding grid side in tokens.
+        depth: number of blocks (highest block index + 1).
+        global_blocks: blocks whose relative-position tables have 2G-1 rows (global attention).
+        out_chans: embedding channels of the neck, or None when its key is missing.
+    """
+
+    embed_dim: int
+    grid: int
+    depth: int
+    global_blocks: tuple[int, ...]
+    out_chans: Optional[int]
+
+
+def encoder_shape(state_dict: Mapping[str, Any]) -> Optional[EncoderShape]:
+    """Read the ViT image encoder's sizes off a state dict; None without a 1xGxGxD ``image_encoder.pos_embed``."""
     pos = state_dict.get("image_encoder.pos_embed")
     if pos is None or getattr(pos, "ndim", 0) != 4:
-        return "no 'image_encoder.pos_embed' tensor of shape 1xGxGxD"
+        return None
+    grid = int(pos.shape[1])
     blocks = {int(k.split(".")[2]) for k in state_dict if k.startswith("image_encoder.blocks.")}
-    return f"embed dim {int(pos.shape[-1])}, {max(blocks) + 1 if blocks else 0} blocks, {int(pos.shape[1])}x{int(pos.shape[1])} grid"
+    global_blocks = tuple(
+        sorted(
+            i for i in blocks
+            if f"image_encoder.blocks.{i}.attn.rel_pos_h" in state_dict
+            and state_dict[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 2 * grid - 1
+        )
+    )
+    neck = state_dict.get("image_encoder.neck.0.weight")
+    return EncoderShape(int(pos.shape[-1]), grid, max(blocks) + 1 if blocks else 0, global_blocks,
+                        None if neck is None else int(neck.shape[0]))
+
+
+def describe_state_dict(state_dict: Mapping[str, Any]) -> str:
+    """What a state dict's image encoder looks like, for an error message that no config fits."""
+    shape = encoder_shape(state_dict)
+    if shape is None:
+        return "no 'image_encoder.pos_embed' tensor of shape 1xGxGxD"
+    return (f"embed dim {shape.embed_dim}, {shape.depth} blocks, {shape.grid}x{shape.grid} grid, "
+            f"global attention in blocks {list(shape.global_blocks)}")

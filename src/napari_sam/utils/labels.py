@@ -12,6 +12,7 @@ def paint_masks(
     shape: tuple[int, int],
     ids: Optional[Sequence[int]] = None,
     dtype: Any = np.uint32,
+    areas: Optional[Sequence[int]] = None,
 ) -> np.ndarray:
     """Paint HxW boolean masks into a new HxW label image.
 
@@ -25,6 +26,8 @@ def paint_masks(
         shape: (H, W) of the label image.
         ids: the label of each mask; default 1..K in order.
         dtype: integer dtype of the label image.
+        areas: the masks' pixel counts when already known (e.g. AMG records' ``area``);
+            counted here otherwise.
 
     Returns:
         HxW label image, 0 where no mask is.
@@ -34,13 +37,14 @@ def paint_masks(
     """
     labels = np.zeros(shape, dtype=dtype)
     ids = list(range(1, len(masks) + 1)) if ids is None else list(ids)
-    if len(ids) != len(masks):
-        raise ValueError(f"Got {len(masks)} masks but {len(ids)} ids.")
+    if len(ids) != len(masks) or (areas is not None and len(areas) != len(masks)):
+        raise ValueError(f"Got {len(masks)} masks but {len(ids)} ids" + (
+            f" and {len(areas)} areas." if areas is not None else "."))
     arrays = [np.asarray(mask, dtype=bool) for mask in masks]
     for array in arrays:
         if array.shape != tuple(shape):
             raise ValueError(f"Mask of shape {array.shape} does not match the label image shape {tuple(shape)}.")
-    areas = [int(array.sum()) for array in arrays]
+    areas = [int(array.sum()) for array in arrays] if areas is None else [int(a) for a in areas]
     for index in sorted(range(len(arrays)), key=lambda i: -areas[i]):  # stable: equal areas keep their order
         labels[arrays[index]] = ids[index]
     return labels
