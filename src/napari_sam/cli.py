@@ -5,19 +5,26 @@ The reference's ``scripts/amg.py`` with the same flags and outputs, and its bugs
 * ``--crop-overlap-ratio`` is a float (the reference's is an int, its issue #259);
 * ``--device`` defaults to "auto": CUDA when available, then Apple MPS, else the CPU (the
   reference: always CUDA);
-* an output that already exists is refused up front, before any work, unless ``--overwrite``
-  (the reference crashes half-way on a second run);
-* whatever scikit-image reads (16-bit TIFF, grayscale, RGBA, ...) is converted as
-  ``SamPredictor.set_image`` does; non-image files are reported and skipped; an image that
-  fails is reported, the others are still processed, and the exit status is 1 at the end;
-* every output appears whole or not at all (written to a temporary name, then renamed);
-* a progress bar per image, and ``--precision`` for the faster reduced-precision path.
+* outputs are checked before any work: one that already exists is refused unless
+  ``--overwrite`` (the reference crashes half-way on a second run), an ``--output`` that is
+  not a writable folder (or cannot be created) is refused with exit status 2;
+* images are read by :mod:`napari_sam.utils.imread`: TIFF with ``tifffile`` and its axes
+  (a multi-page grayscale TIFF is a stack, segmented slice by slice, never RGB), other
+  formats with imageio; each plane is converted as ``SamPredictor.set_image`` does. Files
+  that cannot be read are reported (``could not read <file>: <reason>``); non-image files in
+  a folder are skipped; an image that fails is reported, the others are still processed,
+  and the exit status is 1 at the end;
+* every output appears whole or not at all (written to a temporary ``.<name>.napari-sam-<pid>-
+  <hex>.tmp`` sibling, then renamed); the leftovers of a killed run are removed by the next
+  run in the same ``--output``;
+* a progress bar per image, ``--precision`` for the faster reduced-precision path, and
+  ``--coco-format`` for COCO files that pycocotools loads as they are.
 
-Outputs, per input ``<stem>.<ext>``: ``<output>/<stem>/<i>.png`` (uint8, 0 or 255) for every
-mask plus ``<output>/<stem>/metadata.csv`` (header :data:`METADATA_HEADER`, one row per
-mask, ``str()`` of the values, rows joined by newlines, no trailing newline), or with
-``--convert-to-rle`` ``<output>/<stem>.json``: the list of records with COCO RLE
-``segmentation`` (``counts`` a str that pycocotools decodes).
+Outputs, per input ``<stem>.<ext>`` (a stack's planes get a suffix, see :data:`NAMING_HELP`):
+``<output>/<stem>/<i>.png`` (uint8, 0 or 255) for every mask plus ``<output>/<stem>/metadata.csv``
+(header :data:`METADATA_HEADER`, one row per mask, ``str()`` of the values, rows joined by
+newlines, no trailing newline), or with ``--convert-to-rle`` ``<output>/<stem>.json`` in one of
+the formats of :data:`COCO_FORMATS` (see :data:`FORMAT_HELP`).
 
 Exit status: 0 success, 1 some image failed, 2 bad arguments or refused output.
 """
@@ -27,6 +34,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -38,7 +47,46 @@ METADATA_HEADER = (
 # Suffixes of files that are meant to be images: a read failure there is an error, elsewhere a skip.
 IMAGE_SUFFIXES = {
     ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".pbm", ".jp2", ".ico",
+    ".lsm", ".stk", ".btf", ".tf8",
 }
+
+COCO_FORMATS = ("reference", "results", "instances")
+
+NAMING_HELP = (
+    "Stacks: a TIFF's axes decide (tifffile, also OME-TIFF and ImageJ): only samples per pixel "
+    "(axis S: photometric RGB/RGBA) are colour; every other axis (Z, T, C, unlabelled pages) is "
+    "iterated and each 2-D plane segmented on its own. A multi-page grayscale TIFF is thus a stack, "
+    "never an RGB(A) image; animated GIF/PNG frames too. PNG folders and reference JSON files are "
+    "per plane, named <stem>_<axis><index> with the axis in lower case (unlabelled pages and frames: z) "
+    "and the index zero-padded to 3 digits: cells_z003/, cells_z003.json, movie_t012_z000/. "
+    "Results and instances JSON files hold a whole stack in <stem>.json, one COCO image per plane "
+    "with image_id = plane number + 1 in C order (as napari_sam.io.write_coco_json numbers the "
+    "slices of a label stack of the same shape); a single image has image_id 1."
+)
+FORMAT_HELP = (
+    "--coco-format (implies --convert-to-rle): "
+    "reference (default) writes <stem>.json as the reference's amg.py: a bare list of the "
+    "generator's records (segmentation as COCO RLE, area, bbox, predicted_iou, point_coords, "
+    "stability_score, crop_box), which pycocotools' COCO() and loadRes() do not load; "
+    "results writes a COCO results list that COCO.loadRes() loads (image_id, category_id 1, "
+    "segmentation, score = predicted_iou, bbox, area, plus the record's fields); "
+    "instances writes a full COCO instances file that COCO() loads (images, annotations with ids, "
+    "categories; iscrowd 0; score too). "
+    "Boxes, side by side: the reference format and metadata.csv keep the reference's bbox "
+    "[x0, y0, x1 - x0, y1 - y0] (x1, y1 the last covered column and row, so one less than the "
+    "number of covered columns/rows: the Python records of SamAutomaticMaskGenerator.generate); "
+    "results and instances, like napari_sam.io.write_coco_json, use pycocotools' toBbox: "
+    "[x0, y0, x1 - x0 + 1, y1 - y0 + 1] (width = number of covered columns)."
+)
+FAILURE_HELP = (
+    "Bad input: a file that cannot be read is reported as 'could not read <file>: <reason>' (folders: "
+    "files without an image suffix are skipped); an image that fails is reported with its size and "
+    "the others are still processed; exit status 1 at the end. Before any work, outputs that exist "
+    "(without --overwrite), two inputs writing one output, and an --output that is not a writable "
+    "folder are refused with exit status 2. Every output is written under a temporary "
+    "'.<name>.napari-sam-<pid>-<hex>.tmp' name and renamed when complete; leftovers of a killed run "
+    "are removed by the next run into the same --output."
+)
 
 class CliError(Exception):
     """A problem with the arguments or outputs, reported before any work (exit status 2)."""
@@ -79,6 +127,8 @@ def build_parser(settings_class: Optional[type] = None) -> argparse.ArgumentPars
             "Run Segment Anything's automatic mask generator on an image or on every file of a folder, "
             "writing one PNG per mask plus metadata.csv (or one COCO-RLE JSON file with --convert-to-rle)."
         ),
+        epilog="\n\n".join(textwrap.fill(text, 100) for text in (NAMING_HELP, FORMAT_HELP, FAILURE_HELP)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--input", required=True, help="An image file or a folder of images.")
     parser.add_argument("--output", required=True, help="Folder for the results (created if needed).")
@@ -93,7 +143,13 @@ def build_parser(settings_class: Optional[type] = None) -> argparse.ArgumentPars
                         help="torch device (cpu, cuda, cuda:1, mps); default: auto (cuda, then mps, then cpu).")
     parser.add_argument(
         "--convert-to-rle", action="store_true",
-        help="Write <stem>.json with COCO RLE masks instead of a folder of PNGs.",
+        help="Write <stem>.json with COCO RLE masks instead of a folder of PNGs (format: --coco-format).",
+    )
+    parser.add_argument(
+        "--coco-format", choices=COCO_FORMATS, default=None,
+        help="JSON layout (implies --convert-to-rle): reference (default: the reference's list of records), "
+        "results (COCO results, for COCO.loadRes / COCOeval) or instances (a COCO instances file). "
+        "See below for the boxes of each.",
     )
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="fp32 (the reference's results), bf16 (faster, CPU or GPU) or fp16 (GPU).")
@@ -144,24 +200,135 @@ def resolve_checkpoint(model_type: Optional[str], checkpoint: Optional[str]) -> 
 
 
 def list_targets(input_path: Path) -> list[Path]:
-    """The input file, or every file (not folder) of the input folder, sorted by name."""
+    """The input file, or every file (not folder, not hidden) of the input folder, sorted by name."""
     if input_path.is_dir():
-        return sorted(p for p in input_path.iterdir() if not p.is_dir())
+        return sorted(p for p in input_path.iterdir() if not p.is_dir() and not p.name.startswith("."))
     if input_path.is_file():
         return [input_path]
     raise CliError(f"--input {str(input_path)!r} does not exist.")
 
 
-def output_path(output: Path, target: Path, rle: bool) -> Path:
-    """Where the results for ``target`` go: ``<output>/<stem>`` or ``<output>/<stem>.json``."""
-    return output / (target.stem + ".json") if rle else output / target.stem
+def output_path(output: Path, target: Path, rle: bool, suffix: str = "") -> Path:
+    """Where results go: ``<output>/<stem><suffix>`` (PNG folder) or ``<output>/<stem><suffix>.json``."""
+    name = target.stem + suffix
+    return output / (name + ".json") if rle else output / name
 
 
-def read_image(path: Path):
-    """HxWxC or HxW array read by scikit-image (first frame of multi-frame files is not chosen)."""
-    from skimage import io
+@dataclass
+class Job:
+    """One input file: its planes and where their results go.
 
-    return io.imread(str(path))
+    Attributes:
+        target: the input file.
+        layout: its planes (:class:`~napari_sam.utils.imread.ImageLayout`).
+        destinations: plane index -> output path (PNG folders, reference JSON), or ``{None: path}``
+            for one COCO file holding every plane (results, instances).
+    """
+
+    target: Path
+    layout: Any
+    destinations: dict[Optional[tuple[int, ...]], Path]
+
+
+def plan_jobs(
+    targets: Sequence[Path], output: Path, fmt: Optional[str]
+) -> tuple[list[Job], list[str], list[str]]:
+    """Read every target's header and decide its outputs (``fmt`` None: PNG folders).
+
+    Returns:
+        (jobs, failed file names, skipped file names); failures and skips are printed.
+    """
+    from .utils.imread import ImageReadError, probe_image
+
+    jobs, failed, skipped = [], [], []
+    for target in targets:
+        try:
+            layout = probe_image(target)
+        except ImageReadError as error:
+            if target.suffix.lower() in IMAGE_SUFFIXES or len(targets) == 1:
+                print(f"napari-sam-amg: {error}", file=sys.stderr)
+                failed.append(target.name)
+            else:
+                print(f"Skipping {target.name!r}: not an image ({error.reason}).", file=sys.stderr)
+                skipped.append(target.name)
+            continue
+        for note in layout.notes:
+            print(f"napari-sam-amg: note: {note}", file=sys.stderr)
+        if fmt in ("results", "instances"):
+            destinations = {None: output_path(output, target, True)}
+        else:
+            destinations = {i: output_path(output, target, fmt is not None, layout.suffix(i)) for i in layout.indices}
+        jobs.append(Job(target, layout, destinations))
+    return jobs, failed, skipped
+
+
+def check_destinations(jobs: Sequence[Job], overwrite: bool) -> None:
+    """Refuse two inputs writing one output, and outputs that exist unless ``overwrite``.
+
+    Raises:
+        CliError: with every clash or existing output named.
+    """
+    owner: dict[Path, Path] = {}
+    for job in jobs:
+        for destination in job.destinations.values():
+            if destination in owner:
+                other = owner[destination]
+                raise CliError(
+                    f"{job.target.name} and {other.name} would both write {destination}; rename one."
+                    if other != job.target else f"{job.target.name} would write {destination} twice."
+                )
+            owner[destination] = job.target
+    existing = [str(d) for d in owner if d.exists() or d.is_symlink()]
+    if existing and not overwrite:
+        raise CliError("Output already exists (use --overwrite to replace): " + ", ".join(existing))
+
+
+def check_output_folder(output: Path) -> None:
+    """Refuse an ``--output`` that is not, or cannot become, a writable folder (nothing is created).
+
+    Raises:
+        CliError: ``output`` is a file, a parent is a file, or the folder (or the nearest
+            existing parent) is not writable.
+    """
+    if output.exists():
+        if not output.is_dir():
+            raise CliError(f"--output {str(output)!r} exists and is not a folder.")
+        if not os.access(output, os.W_OK | os.X_OK):
+            raise CliError(f"--output {str(output)!r} is not writable (permission denied); choose another folder.")
+        return
+    parent = output.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CliError(f"Cannot create --output {str(output)!r}: {str(parent)!r} is not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(
+            f"Cannot create --output {str(output)!r}: {str(parent)!r} is not writable (permission denied)."
+        )
+
+
+def prepare_output_folder(output: Path) -> list[Path]:
+    """Create ``output``, prove it writable with a probe file, and remove a killed run's leftovers.
+
+    Returns:
+        The stale temporary files and folders removed (see
+        :func:`napari_sam.utils.files.remove_stale_temporaries`).
+
+    Raises:
+        CliError: the folder cannot be created or written.
+    """
+    from .utils.files import remove_stale_temporaries, temporary_sibling
+
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = temporary_sibling(output / "write-check")
+        with open(probe, "wb"):
+            pass
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise CliError(f"Cannot write to --output {str(output)!r}: {reason}.") from error
+    return remove_stale_temporaries(output)
 
 
 def write_masks_to_folder(records: Sequence[dict[str, Any]], folder: Path) -> None:
@@ -181,8 +348,39 @@ def write_masks_to_folder(records: Sequence[dict[str, Any]], folder: Path) -> No
     (folder / "metadata.csv").write_text("\n".join(rows))
 
 
-def save_atomically(records: list[dict[str, Any]], destination: Path, rle: bool, overwrite: bool) -> None:
-    """Write the outputs of one image whole or not at all (see :func:`napari_sam.utils.files.atomic_write`).
+def coco_payload(job: Job, planes: Sequence[tuple[tuple[int, ...], list[dict[str, Any]]]], fmt: str) -> Any:
+    """The ``results`` list or ``instances`` dict of one input file (see :data:`FORMAT_HELP`)."""
+    from .io import amg_records_to_coco
+
+    height, width = job.layout.height, job.layout.width
+    images = []
+    annotations: list[dict[str, Any]] = []
+    for position, (index, records) in enumerate(planes, start=1):
+        image = {"id": position, "file_name": job.target.name, "height": height, "width": width}
+        if index:
+            image["napari_sam_index"] = list(index)
+        images.append(image)
+        annotations.extend(amg_records_to_coco(records, image_id=position, first_id=len(annotations) + 1))
+    if fmt == "results":
+        for annotation in annotations:
+            del annotation["id"], annotation["iscrowd"]
+        return annotations
+    return {
+        "info": {"description": f"napari-sam-amg masks of {job.target.name}"},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "object"}],
+    }
+
+
+def save_atomically(records: Any, destination: Path, rle: bool, overwrite: bool) -> None:
+    """Write one output whole or not at all (see :func:`napari_sam.utils.files.atomic_write`).
+
+    Args:
+        records: the generator's records (PNG folder), or the JSON payload (``rle``).
+        destination: the output folder or JSON file.
+        rle: write JSON instead of a PNG folder.
+        overwrite: replace an existing output.
 
     Raises:
         FileExistsError: ``destination`` exists (it may have appeared during the run) and
@@ -214,6 +412,32 @@ def _generate_with_progress(generator, image, name: str) -> list[dict[str, Any]]
         return drain(generator.generate_iter(image), advance)
 
 
+def run_job(job: Job, generator: Any, fmt: Optional[str], overwrite: bool) -> int:
+    """Segment every plane of one file and write its outputs; returns the number of masks.
+
+    Raises:
+        ImageReadError: the pixels cannot be read.
+        Exception: whatever the generator or the writing raises (the caller reports it).
+    """
+    from .utils.imread import read_planes
+
+    total = 0
+    collected = []
+    for index, plane in read_planes(job.layout):
+        name = job.target.name + job.layout.suffix(index)
+        records = _generate_with_progress(generator, plane, name)
+        total += len(records)
+        if None in job.destinations:
+            collected.append((index, records))
+            continue
+        save_atomically(records, job.destinations[index], fmt is not None, overwrite)
+        print(f"  {len(records)} masks -> {job.destinations[index]}")
+    if None in job.destinations:
+        save_atomically(coco_payload(job, collected, fmt), job.destinations[None], True, overwrite)
+        print(f"  {total} masks -> {job.destinations[None]}")
+    return total
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line tool.
 
@@ -225,23 +449,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    rle = bool(args.convert_to_rle)
+    fmt = args.coco_format or ("reference" if args.convert_to_rle else None)
     output = Path(args.output)
     try:
         targets = list_targets(Path(args.input))
-        destinations = {}
-        for target in targets:
-            destination = output_path(output, target, rle)
-            if destination in destinations.values():
-                other = next(t for t, d in destinations.items() if d == destination)
-                raise CliError(f"{target.name} and {other.name} would both write {destination}; rename one.")
-            destinations[target] = destination
-        existing = [str(d) for d in destinations.values() if d.exists()]
-        if existing and not args.overwrite:
-            raise CliError(
-                "Output already exists (use --overwrite to replace): " + ", ".join(existing)
-            )
+        jobs, failed, skipped = plan_jobs(targets, output, fmt)
+        check_destinations(jobs, args.overwrite)
+        check_output_folder(output)
         model_type, checkpoint = resolve_checkpoint(args.model_type, args.checkpoint)
+        for stale in prepare_output_folder(output):
+            print(f"Removed {stale.name!r}: the unfinished output of an interrupted run.", file=sys.stderr)
     except CliError as error:
         print(f"napari-sam-amg: error: {error}", file=sys.stderr)
         return 2
@@ -259,43 +476,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if model_thresholds:
             print(f"Thresholds for {model_type}: " + ", ".join(f"{k} {v}" for k, v in model_thresholds.items())
                   + " (the reference's defaults keep no mask of this model; flags override).")
-        settings = AmgSettings.for_model(model_type, output_mode="coco_rle" if rle else "binary_mask", **given)
+        mode = "coco_rle" if fmt is not None else "binary_mask"
+        settings = AmgSettings.for_model(model_type, output_mode=mode, **given)
         generator = SamAutomaticMaskGenerator(sam, settings=settings, precision=args.precision)
     except Exception as error:  # bad checkpoint, device or settings: nothing can run
         print(f"napari-sam-amg: error: {error}", file=sys.stderr)
         return 2
 
-    output.mkdir(parents=True, exist_ok=True)
-    failed: list[str] = []
-    skipped: list[str] = []
-    for target in targets:
+    from .utils.imread import ImageReadError
+
+    for job in jobs:
+        print(f"Processing {job.target.name!r} ({job.layout.describe()})...")
         try:
-            image = read_image(target)
-        except Exception as error:
-            if target.suffix.lower() in IMAGE_SUFFIXES or len(targets) == 1:
-                print(f"Could not read image {target.name!r}: {error}", file=sys.stderr)
-                failed.append(target.name)
-            else:
-                print(f"Skipping {target.name!r}: not an image.", file=sys.stderr)
-                skipped.append(target.name)
-            continue
-        print(f"Processing {target.name!r}...")
-        try:
-            records = _generate_with_progress(generator, image, target.name)
-            save_atomically(records, destinations[target], rle, args.overwrite)
+            run_job(job, generator, fmt, args.overwrite)
         except KeyboardInterrupt:
             raise
+        except ImageReadError as error:
+            print(f"napari-sam-amg: {error}", file=sys.stderr)
+            failed.append(job.target.name)
         except Exception as error:
-            print(f"Failed on {target.name!r}: {type(error).__name__}: {error}", file=sys.stderr)
-            failed.append(target.name)
-            continue
-        print(f"  {len(records)} masks -> {destinations[target]}")
+            print(
+                f"Failed on {job.target.name!r} ({job.layout.describe()}): {type(error).__name__}: {error}",
+                file=sys.stderr,
+            )
+            failed.append(job.target.name)
+    if skipped:
+        print(f"Skipped {len(skipped)} file(s) that are not images: {', '.join(skipped)}", file=sys.stderr)
     if failed:
         print(f"Done with errors: {len(failed)} image(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     print("Done!")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
