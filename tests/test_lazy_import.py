@@ -47,3 +47,17 @@ def test_unknown_attribute_raises_attribute_error():
         assert "not_a_thing" in str(error)
     else:
         raise AssertionError("expected AttributeError")
+
+
+def test_import_guard_is_installed_once_and_finds_nothing():
+    """The triton guard (napari_sam._triton) is one meta-path finder that only watches napari_sam."""
+    out = run(
+        """
+        import sys, importlib, napari_sam
+        from napari_sam import _triton
+        importlib.reload(napari_sam)
+        guards = [f for f in sys.meta_path if isinstance(f, _triton._GuardFinder)]
+        print(len(guards), guards[0].find_spec("napari_sam.predictor", None), guards[0].find_spec("json", None))
+        """
+    )
+    assert out == "1 None None"

@@ -1,7 +1,8 @@
 """napari-sam: Segment Anything for napari, with a checkpoint-compatible PyTorch SAM.
 
 The public API is exported lazily (PEP 562), so ``import napari_sam`` imports neither torch
-nor Qt; ``from napari_sam import SamPredictor`` imports torch on first use.
+nor Qt; ``from napari_sam import SamPredictor`` imports torch on first use. Any public module
+may be imported after a napari viewer is shown (:mod:`napari_sam._triton`).
 
 Same names as the reference ``segment_anything`` package::
 
@@ -13,6 +14,12 @@ from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from . import _triton
+
+# Before any submodule (hence torch / torchvision) is imported, now or later: importing triton
+# after napari's OpenGL window exists would crash the process (see napari_sam._triton).
+_triton.install()
 
 __version__ = "0.1.0"  # the one version source: pyproject.toml reads it ([tool.hatch.version])
 

@@ -19,7 +19,7 @@ from napari.qt.threading import create_worker
 from ..interactive.engine import SamEngine
 from ..interactive.history import CommitHistory
 from ..models.registry import ModelSpec
-from . import _layers, guard_triton
+from . import _layers
 
 _logger = logging.getLogger(__name__)
 
@@ -33,11 +33,10 @@ def unwrap_viewer(viewer: Any) -> Any:
 
 
 def session_for(viewer: Any) -> "SegmentationSession":
-    """The session of ``viewer``, created on first use (see :func:`napari_sam._napari.guard_triton`)."""
+    """The session of ``viewer``, created on first use."""
     viewer = unwrap_viewer(viewer)
     session = _SESSIONS.get(viewer)
     if session is None:
-        guard_triton()  # before this viewer's model work imports torchvision
         session = _SESSIONS[viewer] = SegmentationSession(viewer)
     return session
 
