@@ -351,7 +351,8 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
 
 
 def rel_pos_terms(
-    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, grid: tuple[int, int]
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, grid: tuple[int, int],
+    k_grid: Optional[tuple[int, int]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decomposed relative-position terms of the attention logits (MViTv2, sec. 4.1).
 
@@ -361,20 +362,97 @@ def rel_pos_terms(
 
     Args:
         q: BxNxC queries of an HxW grid (N = H*W).
-        rel_pos_h: (2H-1)xC table; rel_pos_w: (2W-1)xC table.
-        grid: (H, W).
+        rel_pos_h: Lh x C table, rel_pos_w: Lw x C table ((2H-1) and (2W-1) rows for
+            equal query and key grids; other lengths are resized by :func:`get_rel_pos`).
+        grid: (H, W) of the queries.
+        k_grid: (Hk, Wk) of the keys; default ``grid``.
 
     Returns:
-        row term BxNxH and column term BxNxW.
+        row term BxNxHk and column term BxNxWk.
     """
     height, width = grid
+    k_height, k_width = grid if k_grid is None else k_grid
     batch, tokens, channels = q.shape
     q_grid = q.reshape(batch, height, width, channels)
-    table_h = get_rel_pos(height, height, rel_pos_h)
-    table_w = get_rel_pos(width, width, rel_pos_w)
-    row_term = torch.einsum("byxc,ykc->byxk", q_grid, table_h).reshape(batch, tokens, height)
-    col_term = torch.einsum("byxc,xkc->byxk", q_grid, table_w).reshape(batch, tokens, width)
+    table_h = get_rel_pos(height, k_height, rel_pos_h)
+    table_w = get_rel_pos(width, k_width, rel_pos_w)
+    row_term = torch.einsum("byxc,ykc->byxk", q_grid, table_h).reshape(batch, tokens, k_height)
+    col_term = torch.einsum("byxc,xkc->byxk", q_grid, table_w).reshape(batch, tokens, k_width)
     return row_term, col_term
+
+
+def add_decomposed_rel_pos(
+    attn: torch.Tensor, q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+    q_size: tuple[int, int], k_size: tuple[int, int],
+) -> torch.Tensor:
+    """Attention logits plus the decomposed relative-position terms (MViTv2, Li et al. 2022, sec. 4.1).
+
+    The reference's function: ``attn[b, (y, x), (y', x')] + q[b, (y, x)] . R_h[y, y'] +
+    q[b, (y, x)] . R_w[x, x']`` with the tables of :func:`get_rel_pos` (see
+    :func:`rel_pos_terms`). The encoder's own attention adds the same terms block by block
+    (:meth:`Attention._attend`) instead of on a full logits tensor.
+
+    Args:
+        attn: B x (qh*qw) x (kh*kw) attention logits.
+        q: B x (qh*qw) x C queries (unscaled), rows in row-major (y, x) order.
+        rel_pos_h: Lh x C table along the height; rel_pos_w: Lw x C table along the width.
+        q_size: (qh, qw) grid of the queries; k_size: (kh, kw) grid of the keys.
+
+    Returns:
+        A new B x (qh*qw) x (kh*kw) tensor.
+    """
+    (q_h, q_w), (k_h, k_w) = q_size, k_size
+    row_term, col_term = rel_pos_terms(q, rel_pos_h, rel_pos_w, (q_h, q_w), (k_h, k_w))
+    batch = attn.shape[0]
+    grid_logits = attn.view(batch, q_h * q_w, k_h, k_w) + row_term[..., :, None] + col_term[..., None, :]
+    return grid_logits.view(batch, q_h * q_w, k_h * k_w)
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Cut a token grid into non-overlapping square windows, zero-padding it bottom/right.
+
+    The reference's layout: windows are ordered image by image, then row-major over the
+    window grid. (The encoder's windowed blocks partition their qkv projections instead,
+    see :meth:`Attention.forward_windowed`.)
+
+    Args:
+        x: BxHxWxC tokens.
+        window_size: window side s in tokens.
+
+    Returns:
+        (windows of shape (B*nh*nw) x s x s x C, with nh = Hp/s and nw = Wp/s;
+        (Hp, Wp), the padded grid size, multiples of s).
+    """
+    batch, height, width, channels = x.shape
+    pad_h, pad_w = -height % window_size, -width % window_size
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # last axis first: C, then W, then H
+    padded = (height + pad_h, width + pad_w)
+    rows, cols = padded[0] // window_size, padded[1] // window_size
+    tiles = x.view(batch, rows, window_size, cols, window_size, channels).transpose(2, 3)
+    return tiles.reshape(batch * rows * cols, window_size, window_size, channels), padded
+
+
+def window_unpartition(
+    windows: torch.Tensor, window_size: int, pad_hw: tuple[int, int], hw: tuple[int, int]
+) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: reassemble windows and crop the padding.
+
+    Args:
+        windows: (B*nh*nw) x s x s x C windows in :func:`window_partition`'s order.
+        window_size: window side s.
+        pad_hw: (Hp, Wp), the padded grid size.
+        hw: (H, W), the grid size before padding.
+
+    Returns:
+        BxHxWxC tokens (contiguous).
+    """
+    (padded_h, padded_w), (height, width) = pad_hw, hw
+    rows, cols = padded_h // window_size, padded_w // window_size
+    batch = windows.shape[0] // (rows * cols)
+    grid = windows.view(batch, rows, cols, window_size, window_size, -1).transpose(2, 3)
+    grid = grid.reshape(batch, padded_h, padded_w, -1)
+    return grid[:, :height, :width].contiguous()
 
 
 class PatchEmbed(nn.Module):
