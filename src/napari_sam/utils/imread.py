@@ -23,6 +23,7 @@ Colour samples: 1 or 3 are kept, 2 (gray + alpha) keeps the gray, 4 (RGBA) is pa
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Union
@@ -190,7 +191,9 @@ def probe_image(path: PathLike) -> ImageLayout:
     import imageio.v3 as iio
 
     try:
-        props = iio.improps(path)
+        with warnings.catch_warnings():  # imageio's deprecated legacy plugins, tried on non-images
+            warnings.simplefilter("ignore", DeprecationWarning)
+            props = iio.improps(path)
     except Exception as error:
         raise ImageReadError(path, _reason(error)) from error
     shape = tuple(props.shape)
@@ -240,8 +243,10 @@ def read_planes(layout: ImageLayout) -> Iterator[tuple[tuple[int, ...], np.ndarr
         else:
             import imageio.v3 as iio
 
-            props = iio.improps(path)
-            data = np.asarray(iio.imread(path))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                props = iio.improps(path)
+                data = np.asarray(iio.imread(path))
             axes = _plain_axes(path, data.shape, bool(props.is_batch))
     except ImageReadError:
         raise
