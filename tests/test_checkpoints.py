@@ -365,12 +365,16 @@ def test_build_sam_missing_checkpoint(tmp_path):
         build_sam(checkpoint=tmp_path / "missing.pth")
 
 
-def test_build_sam_trusts_the_file_over_model_type(checkpoint_factory, caplog):
+def test_build_sam_refuses_a_checkpoint_of_another_type(checkpoint_factory):
     path = checkpoint_factory("vit_test")
-    with caplog.at_level("WARNING", logger="napari_sam"):
-        model = build_sam("vit_h", checkpoint=path, device="cpu")
-    assert model.image_encoder.pos_embed.shape[-1] == MODEL_CONFIGS["vit_test"].embed_dim
-    assert "vit_test model, not vit_h" in caplog.text
+    with pytest.raises(CheckpointError, match="holds a vit_test SAM checkpoint, not vit_small"):
+        build_sam("vit_small", checkpoint=path, device="cpu")
+    with pytest.raises(CheckpointError, match="not default as requested"):
+        build_sam("default", checkpoint=path, device="cpu")  # an alias of vit_h
+    # the same type by name, "auto" and None build what the file holds
+    for model_type in ("vit_test", "auto", None):
+        model = build_sam(model_type, checkpoint=path, device="cpu")
+        assert model.image_encoder.pos_embed.shape[-1] == MODEL_CONFIGS["vit_test"].embed_dim
 
 
 def test_build_sam_accepts_reference_style_positional_path(checkpoint_factory):

@@ -36,7 +36,7 @@ def test_bad_prompts_raise_clear_errors(model):
         predictor.predict(point_coords=np.array([10, 10]), point_labels=np.array([1]))
     with pytest.raises(ValueError, match="predict_torch"):
         predictor.predict(box=np.zeros((2, 4)))
-    with pytest.raises(ValueError, match="1x256x256"):
+    with pytest.raises(ValueError, match=r"logits of 256x256 \(1xhxw for predict"):
         predictor.predict(point_coords=np.array([[10, 10]]), point_labels=np.array([1]), mask_input=np.zeros((256, 256)))
     with pytest.raises(ValueError, match="RGB"):
         predictor.set_image(data.astronaut(), image_format="HSV")

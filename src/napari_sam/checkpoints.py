@@ -69,7 +69,7 @@ def build_sam(
     downloading them when missing (the bundled ``vit_small`` is never downloaded). With
     ``checkpoint``, the model type is detected from the tensor shapes, so
     ``build_sam(checkpoint=path)`` (the reference's call style) is enough; a ``model_type`` that
-    disagrees with the file is logged as a warning and the detected type is built. For
+    disagrees with the file raises :class:`CheckpointError` (nothing is built). For
     compatibility with the reference's ``build_sam(path)``, a first argument that is a file
     path is taken as ``checkpoint``. Same as :func:`napari_sam.models.create_model`.
 
@@ -87,7 +87,8 @@ def build_sam(
 
     Raises:
         FileNotFoundError: ``checkpoint`` does not exist.
-        CheckpointError: the file is not a SAM checkpoint of a known type.
+        CheckpointError: the file is not a SAM checkpoint of a known type, or holds another
+            type than ``model_type``.
         KeyError: no known weights for ``model_type``.
         DownloadError, HashMismatchError: see :func:`fetch_weights`.
     """

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Generator, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .modeling import Sam
 
@@ -30,6 +31,43 @@ from .utils.transforms import ResizeLongestSide
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Smallest prompt batch for which the mask decoder runs in the reduced precision.
 DECODER_REDUCED_PRECISION_MIN_BATCH = 16
+#: Point labels the prompt encoder reads (as in the reference): 1 positive point, 0 negative
+#: point, -1 padding (a point that is not a prompt, for batches with unequal point counts).
+POINT_LABELS = (-1, 0, 1)
+#: The low-res logits size of the official SAM models; mask prompts of this size are accepted
+#: by every model (resized to the model's own low-res size, see ``SamPredictor.predict_torch``).
+SAM_LOW_RES_SIZE = (256, 256)
+
+
+def _point_labels(labels: np.ndarray) -> np.ndarray:
+    """``labels`` as int32 after checking that each is one of :data:`POINT_LABELS` (0.7 is not 0).
+
+    Raises:
+        ValueError: a label that is not -1, 0 or 1 (booleans count as 0 and 1).
+    """
+    values = np.asarray(labels)
+    if values.dtype == bool:
+        return values.astype(np.int32)
+    if values.dtype.kind not in "iuf" or not np.isin(values, POINT_LABELS).all():
+        bad = values if values.dtype.kind not in "iuf" else values[~np.isin(values, POINT_LABELS)]
+        raise ValueError(
+            f"point_labels must be 1 (positive point), 0 (negative point) or -1 (padding); got {bad.ravel()[:5]}."
+        )
+    return values.astype(np.int32)
+
+
+def _check_finite(name: str, values: "np.ndarray | torch.Tensor", layout: str) -> None:
+    """Raise ValueError when ``values`` holds NaN or infinity (they give empty masks and NaN IoU)."""
+    finite = torch.isfinite(values).all() if isinstance(values, torch.Tensor) else np.isfinite(values).all()
+    if not bool(finite):
+        raise ValueError(f"{name} must be finite {layout} pixel coordinates; got NaN or infinity.")
+
+
+def _ordered_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """Bx4 boxes with corners put in XYXY order (x0 <= x1, y0 <= y1): a box drawn from any corner
+    means the same rectangle (the reference would give an empty mask for x1 < x0)."""
+    corners = boxes.reshape(-1, 2, 2)
+    return torch.cat([corners.amin(dim=1), corners.amax(dim=1)], dim=1)
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -250,20 +288,25 @@ class SamPredictor:
         """Predict masks for prompts given in the original image frame.
 
         Args:
-            point_coords: Nx2 (x, y) pixel coordinates in the original image frame.
-            point_labels: N labels, 1 positive point, 0 negative point.
-            box: XYXY box (shape 4 or 1x4) in the original image frame.
-            mask_input: 1x256x256 low-res logits from a previous prediction.
+            point_coords: Nx2 (x, y) pixel coordinates in the original image frame, finite.
+            point_labels: N labels: 1 positive point, 0 negative point (-1: padding, ignored);
+                integers, booleans or floats holding those values.
+            box: XYXY box (shape 4 or 1x4) in the original image frame, finite; corners given in
+                another order (x1 < x0 or y1 < y0) are put in XYXY order.
+            mask_input: 1xhxw low-res logits from a previous prediction (its third output);
+                SAM's 1x256x256 is accepted by every model (see :meth:`predict_torch`).
             multimask_output: return 3 masks (for ambiguous prompts) instead of 1.
             return_logits: return float logits instead of boolean masks.
 
         Returns:
             masks CxHxW (bool, or float32 logits), predicted IoU C (float32) and low-res
-            logits Cx256x256 (float32), C = 3 or 1, H x W the original size.
+            logits Cxhxw (float32; 256x256 for the official models, the model's own low-res
+            size otherwise, e.g. 128x128 for ``vit_small``), C = 3 or 1, H x W the original size.
 
         Raises:
             RuntimeError: no image set.
-            ValueError: no prompt at all, points without labels, or malformed shapes.
+            ValueError: no prompt at all, points without labels, labels other than 1/0/-1,
+                NaN or infinite coordinates, or malformed shapes (the message says which).
         """
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
@@ -279,6 +322,8 @@ class SamPredictor:
                     f"got {coords.shape} and {labels.shape}."
                 )
             if len(coords):
+                _check_finite("point_coords", coords.astype(float), "Nx2 (x, y)")
+                labels = _point_labels(labels)
                 coords = self.transform.apply_coords(coords, self.original_size)
                 coords_t = torch.as_tensor(coords, dtype=torch.float32, device=self.device)[None]
                 labels_t = torch.as_tensor(labels, dtype=torch.int32, device=self.device)[None]
@@ -291,16 +336,13 @@ class SamPredictor:
                     f"box must be one XYXY box of shape (4,) or (1, 4), got {box_array.shape}; "
                     "for several boxes use predict_torch with a Bx4 tensor."
                 )
+            _check_finite("box", box_array.astype(float), "XYXY")
             box_array = self.transform.apply_boxes(box_array.reshape(1, 4), self.original_size)
             box_t = torch.as_tensor(box_array, dtype=torch.float32, device=self.device)
         if mask_input is not None:
             mask_array = np.asarray(mask_input)
-            low_res_shape = (1, *self.model.prompt_encoder.mask_input_size)
-            if mask_array.shape != low_res_shape:
-                raise ValueError(
-                    f"mask_input must be {'x'.join(map(str, low_res_shape))} low-res logits from a previous prediction "
-                    f"(one of its third outputs), got shape {mask_array.shape}."
-                )
+            if mask_array.ndim != 3 or mask_array.shape[0] != 1:
+                raise self._mask_shape_error(mask_array.shape)
             mask_t = torch.as_tensor(mask_array, dtype=torch.float32, device=self.device)[None]
         if coords_t is None and box_t is None and mask_t is None:
             raise ValueError("predict needs a prompt: point_coords with point_labels, a box, or a mask_input.")
@@ -309,6 +351,31 @@ class SamPredictor:
             coords_t, labels_t, box_t, mask_t, multimask_output=multimask_output, return_logits=return_logits
         )
         return masks[0].cpu().numpy(), iou[0].cpu().numpy(), low_res[0].cpu().numpy()
+
+    def _mask_shape_error(self, shape: Sequence[int]) -> ValueError:
+        """The error for a mask prompt of a shape that is not accepted; names the accepted sizes."""
+        sizes = {tuple(self.model.prompt_encoder.mask_input_size), SAM_LOW_RES_SIZE}
+        text = " or ".join("x".join(map(str, size)) for size in sorted(sizes, reverse=True))
+        return ValueError(
+            f"mask_input must be low-res logits of {text} (1xhxw for predict, Bx1xhxw for predict_torch), "
+            f"e.g. a previous prediction's third output; got shape {tuple(shape)}."
+        )
+
+    def _mask_prompt(self, mask_input: torch.Tensor) -> torch.Tensor:
+        """Bx1xhxw low-res logits at the model's own low-res size (see :meth:`predict_torch`).
+
+        Raises:
+            ValueError: not Bx1xhxw with hxw the model's low-res size or SAM's 256x256.
+        """
+        own = tuple(self.model.prompt_encoder.mask_input_size)
+        size = tuple(mask_input.shape[-2:])
+        if mask_input.ndim != 4 or mask_input.shape[1] != 1 or size not in (own, SAM_LOW_RES_SIZE):
+            raise self._mask_shape_error(mask_input.shape if mask_input.ndim != 4 else mask_input.shape[1:])
+        if size == own:
+            return mask_input
+        # One rule: bilinear with half-pixel centres (as Sam.postprocess_masks resizes logits);
+        # for 256 -> 128 each output logit is the mean of a 2x2 block.
+        return F.interpolate(mask_input.float(), own, mode="bilinear", align_corners=False)
 
     @torch.no_grad()
     def predict_torch(
@@ -319,22 +386,44 @@ class SamPredictor:
         """Predict masks for a batch of B prompts given in the resized (1024) frame.
 
         Args:
-            point_coords: BxNx2 (x, y) in the resized frame (``transform.apply_coords_torch``).
-            point_labels: BxN, 1 positive, 0 negative.
-            boxes: Bx4 XYXY in the resized frame (``transform.apply_boxes_torch``).
-            mask_input: Bx1x256x256 low-res logits.
+            point_coords: BxNx2 (x, y) in the resized frame (``transform.apply_coords_torch``), finite.
+            point_labels: BxN: 1 positive point, 0 negative point, -1 padding (ignored).
+            boxes: Bx4 XYXY in the resized frame (``transform.apply_boxes_torch``), finite;
+                corners in another order are put in XYXY order.
+            mask_input: Bx1xhxw low-res logits: the model's own low-res size (256x256 for the
+                official models), or SAM's 256x256 for a model whose size differs (``vit_small``:
+                128x128), resized to the model's size with bilinear interpolation (half-pixel
+                centres: from 256x256 to 128x128, the mean of each 2x2 block).
             multimask_output: 3 masks per prompt instead of 1.
             return_logits: float logits instead of boolean masks.
 
         Returns:
             masks BxCxHxW (bool or float32 logits, original size), predicted IoU BxC and
-            low-res logits BxCx256x256 (float32), C = 3 or 1.
+            low-res logits BxCxhxw (float32, the model's own low-res size), C = 3 or 1.
 
         Raises:
             RuntimeError: no image set.
+            ValueError: labels other than 1/0/-1, NaN or infinite coordinates, or malformed
+                shapes (the message says which).
         """
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        if point_coords is not None:
+            if point_labels is None or tuple(point_labels.shape) != tuple(point_coords.shape[:-1]):
+                raise ValueError(
+                    "point_coords must be BxNx2 (x, y) with point_labels BxN; got "
+                    f"{tuple(point_coords.shape)} and {None if point_labels is None else tuple(point_labels.shape)}."
+                )
+            _check_finite("point_coords", point_coords, "BxNx2 (x, y)")
+            if not bool(torch.isin(point_labels, torch.tensor(POINT_LABELS, device=point_labels.device)).all()):
+                raise ValueError("point_labels must be 1 (positive point), 0 (negative point) or -1 (padding).")
+        if boxes is not None:
+            if boxes.shape[-1] != 4:
+                raise ValueError(f"boxes must be Bx4 XYXY, got shape {tuple(boxes.shape)}.")
+            _check_finite("boxes", boxes, "Bx4 XYXY")
+            boxes = _ordered_boxes(boxes)
+        if mask_input is not None:
+            mask_input = self._mask_prompt(mask_input)
         points = (point_coords, point_labels) if point_coords is not None else None
         batch = next((t.shape[0] for t in (point_coords, boxes, mask_input) if t is not None), 1)
         # Reduced precision pays off in the decoder only for larger prompt batches; for a
@@ -394,13 +483,19 @@ class SamPredictor:
         from .modeling.prompt_batch_decoder import PromptBatchDecoder, dense_no_mask_embedding
 
         features = self.get_image_embedding()
-        if self._batch_decoder is None:
+        # Keyed on the features tensor itself and its in-place version counter, not on who set
+        # it: clients of the reference assign ``predictor.features`` directly (precomputed
+        # embeddings, tiles), and a decoder of the previous image must never be reused.
+        key = (features, features._version)
+        cached = self._batch_decoder
+        if cached is None or cached[0] is not key[0] or cached[1] != key[1]:
             encoder = self.model.prompt_encoder
             with torch.autocast(device_type=self.device.type, enabled=False):
-                self._batch_decoder = PromptBatchDecoder(
+                decoder = PromptBatchDecoder(
                     self.model.mask_decoder, features, encoder.get_dense_pe(), dense_no_mask_embedding(encoder)
                 )
-        return self._batch_decoder
+            self._batch_decoder = cached = (*key, decoder)
+        return cached[2]
 
     def get_image_embedding(self) -> torch.Tensor:
         """The 1x256x64x64 image embedding of the current image.
@@ -416,7 +511,9 @@ class SamPredictor:
         """Forget the current image and its embedding."""
         self.is_image_set = False
         self.features: Optional[torch.Tensor] = None
-        self._batch_decoder = None  # per-image decoder work, built on the first predict
+        # (features, their version, PromptBatchDecoder): per-image decoder work, built on the
+        # first predict for the features it was built from (see prompt_batch_decoder)
+        self._batch_decoder: Optional[tuple] = None
         self.original_size: Optional[tuple[int, ...]] = None
         self.input_size: Optional[tuple[int, ...]] = None
         self.orig_h = self.orig_w = self.input_h = self.input_w = None

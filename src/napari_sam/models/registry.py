@@ -128,6 +128,14 @@ def canonical_type(name: str) -> str:
     return _ALIASES.get(name, name)
 
 
+def _architecture_type(name: str) -> str:
+    """The registry type of ``name``: the type itself, or the type that known weights load into."""
+    if name in _MODELS:
+        return name
+    known = weights.KNOWN_WEIGHTS.get(name)
+    return known.model_type if known is not None else name
+
+
 def model_entry(name: str) -> ModelEntry:
     """The registry entry of a model type or alias.
 
@@ -354,8 +362,8 @@ def create_model(
             without: :func:`default_model_type`), or a checkpoint path (the reference's
             ``build_sam(path)`` call style).
         checkpoint: path of a PyTorch checkpoint holding a SAM state dict (bare, or under
-            ``"model"`` / ``"state_dict"``). When its type differs from ``model``'s, a warning
-            is logged and the detected type is built.
+            ``"model"`` / ``"state_dict"``). Its type is detected from the tensor shapes; a
+            ``model`` other than "auto"/None must name the same type (or weights of that type).
         device: see :func:`resolve_device`.
         cache_dir, mirror, progressbar, progress_callback: see
             :func:`napari_sam.models.weights.fetch_weights`; used when the type's known
@@ -367,7 +375,8 @@ def create_model(
 
     Raises:
         FileNotFoundError: ``checkpoint`` does not exist.
-        CheckpointError: the file is not a SAM checkpoint of a known type.
+        CheckpointError: the file is not a SAM checkpoint of a known type, or holds another
+            type than ``model`` names.
         KeyError: unknown type, or no known weights for it.
         ValueError: an unavailable device.
         DownloadError, HashMismatchError: see :func:`~napari_sam.models.weights.fetch_weights`.
@@ -391,8 +400,13 @@ def create_model(
         path = Path(os.fspath(checkpoint)).expanduser()
     state = read_state_dict(path)
     detected = detect_model_type(state)
-    if checkpoint is not None and requested is not None and canonical_type(requested) != detected:
-        _logger.warning("%s holds a %s model, not %s as requested; building %s.", path, detected, requested, detected)
+    if checkpoint is not None and requested is not None:
+        expected = _architecture_type(canonical_type(requested))
+        if expected != detected:
+            raise CheckpointError(
+                f"{path} holds a {detected} SAM checkpoint, not {requested} as requested; pass "
+                f"model_type={detected!r}, or 'auto' to build whatever the file holds."
+            )
     built = model_entry(detected).architecture.build()
     load_strict(built, state, f"{detected} SAM")
     return built.to(target).eval()

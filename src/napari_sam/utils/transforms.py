@@ -1,7 +1,7 @@
 """Resize images and prompts so that the long side becomes the model's input size.
 
 Same sizes and pixels as the reference's ``ResizeLongestSide``: the new size is
-``int(side * scale + 0.5)`` with ``scale = target / long_side`` in Python floats, images
+``int(side * scale + 0.5)`` (at least 1) with ``scale = target / long_side`` in Python floats, images
 are resized with PIL's bilinear filter (antialiased when shrinking), and coordinates are
 scaled separately in x and y by the ratio of the rounded to the original size.
 """
@@ -26,9 +26,13 @@ class ResizeLongestSide:
 
     @staticmethod
     def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
-        """(H, W) after resizing so that max(H, W) == long_side_length, rounded half up."""
+        """(H, W) after resizing so that max(H, W) == long_side_length, rounded half up.
+
+        A side that would round to 0 (an image thinner than half a pixel after resizing,
+        e.g. 1 x 5000) is kept at 1 pixel; the reference gives 0 there and fails to resize.
+        """
         scale = long_side_length * 1.0 / max(oldh, oldw)
-        return int(oldh * scale + 0.5), int(oldw * scale + 0.5)
+        return max(1, int(oldh * scale + 0.5)), max(1, int(oldw * scale + 0.5))
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """Resize an HxWxC (C = 1 or 3) or HxW uint8 image with PIL bilinear; returns uint8."""
