@@ -173,9 +173,36 @@ def test_bad_files_reported_and_the_others_processed(tmp_path, gray, checkpoint,
     assert status == 1
     assert "could not read empty.png: the file is empty" in err and "pip install" not in err
     assert (out / "good" / "metadata.csv").exists()
-    if not (out / "thin").exists():  # until the predictor takes too-thin images
+    if not (out / "thin").exists():  # the predictor takes too-thin images (else: reported with its size)
         assert "Failed on 'thin.png' (one 1 x 5000 image)" in err
-        assert "thin.png" in err.splitlines()[-1]
+
+
+def test_an_image_that_fails_is_reported_with_its_size_and_the_rest_go_on(
+    tmp_path, gray, checkpoint, capsys, monkeypatch
+):
+    """Whatever fails inside the generator (here: PIL's error for a too-thin resize, as before the
+    predictor handled such images) is one line naming the file and its size; exit status 1."""
+    from napari_sam.automatic_mask_generator import SamAutomaticMaskGenerator
+
+    real = SamAutomaticMaskGenerator.generate_iter
+
+    def generate_iter(self, image, *args, **kwargs):
+        if min(image.shape[:2]) < 20:
+            raise ValueError("height and width must be > 0")
+        return real(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(SamAutomaticMaskGenerator, "generate_iter", generate_iter)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.full((10, 6000), 128, np.uint8)).save(folder / "a_thin.png")
+    Image.fromarray(gray).save(folder / "b_good.png")
+    out = tmp_path / "out"
+    status = main(["--input", str(folder), "--output", str(out), "--checkpoint", checkpoint, *FAST])
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "Failed on 'a_thin.png' (one 10 x 6000 image): ValueError: height and width must be > 0" in captured.err
+    assert "Traceback" not in captured.err and "Done with errors: 1 image(s) failed: a_thin.png" in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["b_good"]
 
 
 def _deny_writes_to(monkeypatch, folder: Path) -> None:
