@@ -47,7 +47,6 @@ METADATA_HEADER = (
 # Suffixes of files that are meant to be images: a read failure there is an error, elsewhere a skip.
 IMAGE_SUFFIXES = {
     ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".pbm", ".jp2", ".ico",
-    ".lsm", ".stk", ".btf", ".tf8",
 }
 
 COCO_FORMATS = ("reference", "results", "instances")
@@ -127,7 +126,7 @@ def build_parser(settings_class: Optional[type] = None) -> argparse.ArgumentPars
             "Run Segment Anything's automatic mask generator on an image or on every file of a folder, "
             "writing one PNG per mask plus metadata.csv (or one COCO-RLE JSON file with --convert-to-rle)."
         ),
-        epilog="\n\n".join(textwrap.fill(text, 100) for text in (NAMING_HELP, FORMAT_HELP, FAILURE_HELP)),
+        epilog="\n\n".join(textwrap.fill(text, 100, break_on_hyphens=False) for text in (NAMING_HELP, FORMAT_HELP, FAILURE_HELP)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--input", required=True, help="An image file or a folder of images.")
@@ -238,14 +237,14 @@ def plan_jobs(
     Returns:
         (jobs, failed file names, skipped file names); failures and skips are printed.
     """
-    from .utils.imread import ImageReadError, probe_image
+    from .utils.imread import ImageReadError, is_tiff, probe_image
 
     jobs, failed, skipped = [], [], []
     for target in targets:
         try:
             layout = probe_image(target)
         except ImageReadError as error:
-            if target.suffix.lower() in IMAGE_SUFFIXES or len(targets) == 1:
+            if target.suffix.lower() in IMAGE_SUFFIXES or is_tiff(target) or len(targets) == 1:
                 print(f"napari-sam-amg: {error}", file=sys.stderr)
                 failed.append(target.name)
             else:
