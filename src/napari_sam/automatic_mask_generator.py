@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generator, Optional, Sequence
 
 import numpy as np
@@ -40,7 +40,9 @@ from .modeling import Sam
 from .modeling.prompt_batch_decoder import PromptBatchDecoder
 from .predictor import SamPredictor, autocast_context
 from .utils.amg import (
+    MaskData,
     area_from_rle,
+    batch_iterator,
     batched_mask_to_box,
     box_xyxy_to_xywh,
     build_all_layer_point_grids,
@@ -50,14 +52,43 @@ from .utils.amg import (
     generate_crop_boxes,
     is_box_near_crop_edge,
     mask_to_rle,
+    mask_to_rle_pytorch,
     nms_keep,
     remove_small_regions,
     rle_to_mask,
+    uncrop_boxes_xyxy,
+    uncrop_masks,
+    uncrop_points,
 )
 from .utils.image import to_rgb_uint8
 from .utils.progress import drain
 
 _logger = logging.getLogger(__name__)
+
+# The names the reference's module imports from its utils.amg are importable from here too
+# (``from segment_anything.automatic_mask_generator import MaskData`` and the like).
+__all__ = [
+    "AmgProgress",
+    "MaskData",
+    "SamAutomaticMaskGenerator",
+    "SamPredictor",
+    "Sam",
+    "area_from_rle",
+    "batch_iterator",
+    "batched_mask_to_box",
+    "box_xyxy_to_xywh",
+    "build_all_layer_point_grids",
+    "calculate_stability_score",
+    "coco_encode_rle",
+    "generate_crop_boxes",
+    "is_box_near_crop_edge",
+    "mask_to_rle_pytorch",
+    "remove_small_regions",
+    "rle_to_mask",
+    "uncrop_boxes_xyxy",
+    "uncrop_masks",
+    "uncrop_points",
+]
 
 # Elements of float32 logits upscaled at once (256 MB); bounds memory on large images.
 _UPSCALE_BUDGET = 1 << 26
@@ -87,57 +118,22 @@ class AmgProgress:
         return self.done / self.total if self.total else 1.0
 
 
-@dataclass
-class MaskData:
-    """Masks kept so far, one row per mask (all fields filtered together).
+def _no_masks() -> MaskData:
+    """An empty batch with every field the generator fills (so concatenation keeps dtypes).
 
-    Attributes:
-        rles: uncompressed RLEs in the image frame.
-        boxes: Kx4 int64 inclusive XYXY boxes (crop frame until the crop is finished).
-        iou_preds: K float32 predicted IoU.
-        points: Kx2 float64 (x, y) prompt points (crop frame until the crop is finished).
-        stability_score: K float32.
-        crop_boxes: Kx4 int64 XYXY crop boxes.
+    Fields: ``rles`` (uncompressed RLEs, image frame), ``boxes`` (Kx4 int64 inclusive XYXY,
+    crop frame until the crop is finished), ``iou_preds`` (K float32), ``points`` (Kx2
+    float64 (x, y), crop frame until the crop is finished), ``stability_score`` (K float32),
+    ``crop_boxes`` (Kx4 int64 XYXY).
     """
-
-    rles: list = field(default_factory=list)
-    boxes: torch.Tensor = field(default_factory=lambda: torch.zeros((0, 4), dtype=torch.int64))
-    iou_preds: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-    points: torch.Tensor = field(default_factory=lambda: torch.zeros((0, 2), dtype=torch.float64))
-    stability_score: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-    crop_boxes: torch.Tensor = field(default_factory=lambda: torch.zeros((0, 4), dtype=torch.int64))
-
-    def __len__(self) -> int:
-        return len(self.rles)
-
-    def filter(self, keep: torch.Tensor) -> "MaskData":
-        """Rows ``keep`` (int64 indices, in that order, or a boolean mask)."""
-        keep = keep.cpu()
-        if keep.dtype == torch.bool:
-            keep = keep.nonzero().squeeze(1)
-        index = keep.tolist()
-        return MaskData(
-            rles=[self.rles[i] for i in index],
-            boxes=self.boxes[keep],
-            iou_preds=self.iou_preds[keep],
-            points=self.points[keep],
-            stability_score=self.stability_score[keep],
-            crop_boxes=self.crop_boxes[keep],
-        )
-
-    @staticmethod
-    def cat(parts: Sequence["MaskData"]) -> "MaskData":
-        """Rows of all parts, in order."""
-        if not parts:
-            return MaskData()
-        return MaskData(
-            rles=[rle for part in parts for rle in part.rles],
-            boxes=torch.cat([part.boxes for part in parts]),
-            iou_preds=torch.cat([part.iou_preds for part in parts]),
-            points=torch.cat([part.points for part in parts]),
-            stability_score=torch.cat([part.stability_score for part in parts]),
-            crop_boxes=torch.cat([part.crop_boxes for part in parts]),
-        )
+    return MaskData(
+        rles=[],
+        boxes=torch.zeros((0, 4), dtype=torch.int64),
+        iou_preds=torch.zeros(0),
+        points=torch.zeros((0, 2), dtype=torch.float64),
+        stability_score=torch.zeros(0),
+        crop_boxes=torch.zeros((0, 4), dtype=torch.int64),
+    )
 
 
 class SamAutomaticMaskGenerator:
@@ -257,7 +253,7 @@ class SamAutomaticMaskGenerator:
         total = sum(-(-n // self.points_per_batch) for n in n_points)
         done = 0
         kept = 0
-        crops: list[MaskData] = []
+        data = _no_masks()
         try:
             for crop_index, (crop_box, layer) in enumerate(zip(crop_boxes, layer_idxs)):
                 x0, y0, x1, y1 = crop_box
@@ -267,26 +263,22 @@ class SamAutomaticMaskGenerator:
                 decoder = self.predictor.prompt_batch_decoder()
                 # Grid (normalised x, y) scaled by the crop's (width, height), float64 as the reference.
                 points = self.point_grids[layer] * np.array(crop_size)[None, ::-1]
-                batches: list[MaskData] = []
-                for start in range(0, len(points), self.points_per_batch):
+                crop_data = _no_masks()
+                for (batch_points,) in batch_iterator(self.points_per_batch, points):
                     with torch.no_grad():
-                        batch = self._process_batch(
-                            decoder, points[start : start + self.points_per_batch], crop_box, crop_size, orig_size
-                        )
-                    batches.append(batch)
-                    kept += len(batch)
+                        batch = self._process_batch(decoder, batch_points, crop_box, crop_size, orig_size)
+                    crop_data.cat(batch)
+                    kept += len(batch["rles"])
                     done += 1
                     yield AmgProgress(done, total, crop_index, len(crop_boxes), kept)
                 del decoder
                 self.predictor.reset_image()
-                crops.append(self._finish_crop(MaskData.cat(batches), crop_box))
-                del batches
+                self._finish_crop(crop_data, crop_box)
+                data.cat(crop_data)
+                del crop_data
 
-            data = MaskData.cat(crops)
-            del crops
-            if len(crop_boxes) > 1 and len(data):
-                keep = nms_keep(data.boxes, crop_box_scores(data.crop_boxes), self.crop_nms_thresh)
-                data = data.filter(keep)
+            if len(crop_boxes) > 1 and len(data["rles"]):
+                data.filter(nms_keep(data["boxes"], crop_box_scores(data["crop_boxes"]), self.crop_nms_thresh))
             if self.min_mask_region_area > 0:
                 data = self.postprocess_small_regions(
                     data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
@@ -324,8 +316,9 @@ class SamAutomaticMaskGenerator:
         if self.pred_iou_thresh > 0.0:
             keep = iou_flat > self.pred_iou_thresh
         candidates = keep.nonzero().squeeze(1)
+        data = _no_masks()
         if len(candidates) == 0:
-            return MaskData()
+            return data
         with self._autocast():
             low_res = decoder.masks(
                 mask_tokens, image_tokens, candidates // n_out, candidates % n_out, multimask_output=True
@@ -335,7 +328,6 @@ class SamAutomaticMaskGenerator:
         height, width = crop_size
         side = model.image_encoder.img_size
         chunk = max(1, _UPSCALE_BUDGET // (side * side + height * width))
-        parts: list[MaskData] = []
         for start in range(0, len(candidates), chunk):
             rows = candidates[start : start + chunk]
             logits = model.postprocess_masks(low_res[start : start + chunk, None], predictor.input_size, crop_size)[:, 0]
@@ -350,7 +342,7 @@ class SamAutomaticMaskGenerator:
             if not bool(ok.all()):
                 masks, boxes, stability, rows = masks[ok], boxes[ok], stability[ok], rows[ok]
             rows_cpu = rows.cpu()
-            parts.append(
+            data.cat(
                 MaskData(
                     rles=mask_to_rle(masks, offset=crop_box[:2], size=orig_size),
                     boxes=boxes.cpu(),
@@ -361,17 +353,15 @@ class SamAutomaticMaskGenerator:
                 )
             )
             del masks
-        return MaskData.cat(parts)
-
-    def _finish_crop(self, data: MaskData, crop_box: list[int]) -> MaskData:
-        """NMS within a crop (by predicted IoU), then boxes and points to the image frame."""
-        if len(data):
-            data = data.filter(nms_keep(data.boxes, data.iou_preds, self.box_nms_thresh))
-        x0, y0 = crop_box[0], crop_box[1]
-        data.boxes = data.boxes + torch.tensor([[x0, y0, x0, y0]])
-        data.points = data.points + torch.tensor([[x0, y0]])
-        data.crop_boxes = torch.tensor([crop_box] * len(data), dtype=torch.int64).reshape(-1, 4)
         return data
+
+    def _finish_crop(self, data: MaskData, crop_box: list[int]) -> None:
+        """In place: NMS within a crop (by predicted IoU), then boxes and points to the image frame."""
+        if len(data["rles"]):
+            data.filter(nms_keep(data["boxes"], data["iou_preds"], self.box_nms_thresh))
+        data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
+        data["points"] = uncrop_points(data["points"], crop_box)
+        data["crop_boxes"] = torch.tensor([crop_box] * len(data["rles"]), dtype=torch.int64).reshape(-1, 4)
 
     @staticmethod
     def postprocess_small_regions(mask_data: MaskData, min_area: int, nms_thresh: float) -> MaskData:
@@ -382,19 +372,22 @@ class SamAutomaticMaskGenerator:
         a new RLE and box. One full-size mask is decoded at a time.
 
         Args:
-            mask_data: masks in the image frame.
+            mask_data: masks in the image frame, with at least the fields ``rles``
+                (uncompressed RLEs) and ``boxes`` (Kx4 XYXY tensor); other fields are
+                filtered along.
             min_area: regions (8-connected) smaller than this many pixels are small.
             nms_thresh: box IoU threshold of the NMS.
 
         Returns:
-            The filtered masks, in NMS keep order.
+            ``mask_data`` itself, changed in place (as the reference): the kept masks, in NMS
+            keep order.
         """
-        if len(mask_data) == 0:
+        if len(mask_data["rles"]) == 0:
             return mask_data
         new_boxes = []
         scores = []
         changed_rles: dict[int, dict[str, Any]] = {}
-        for index, rle in enumerate(mask_data.rles):
+        for index, rle in enumerate(mask_data["rles"]):
             mask = rle_to_mask(rle)
             mask, changed_holes = remove_small_regions(mask, min_area, mode="holes")
             mask, changed_islands = remove_small_regions(mask, min_area, mode="islands")
@@ -406,31 +399,23 @@ class SamAutomaticMaskGenerator:
                 changed_rles[index] = mask_to_rle(mask_t)[0]
         boxes = torch.stack(new_boxes)
         keep = nms_keep(boxes, torch.as_tensor(scores), nms_thresh)
-        rles = list(mask_data.rles)
-        old_boxes = mask_data.boxes.clone()
+        rles, old_boxes = mask_data["rles"], mask_data["boxes"]
         for index in keep.tolist():
             if index in changed_rles:
                 rles[index] = changed_rles[index]
                 old_boxes[index] = boxes[index]
-        updated = MaskData(
-            rles=rles,
-            boxes=old_boxes,
-            iou_preds=mask_data.iou_preds,
-            points=mask_data.points,
-            stability_score=mask_data.stability_score,
-            crop_boxes=mask_data.crop_boxes,
-        )
-        return updated.filter(keep)
+        mask_data.filter(keep)
+        return mask_data
 
     def _records(self, data: MaskData) -> list[dict[str, Any]]:
         """Encode masks per ``output_mode`` and build the reference's record dicts."""
         records = []
-        boxes = data.boxes.numpy()
-        crop_boxes = data.crop_boxes.numpy()
-        points = data.points.numpy()
-        ious = data.iou_preds.float().numpy()
-        stability = data.stability_score.float().numpy()
-        for i, rle in enumerate(data.rles):
+        boxes = data["boxes"].numpy()
+        crop_boxes = data["crop_boxes"].numpy()
+        points = data["points"].numpy()
+        ious = data["iou_preds"].float().numpy()
+        stability = data["stability_score"].float().numpy()
+        for i, rle in enumerate(data["rles"]):
             if self.output_mode == "coco_rle":
                 segmentation: Any = coco_encode_rle(rle)
             elif self.output_mode == "binary_mask":
@@ -441,11 +426,11 @@ class SamAutomaticMaskGenerator:
                 {
                     "segmentation": segmentation,
                     "area": area_from_rle(rle),
-                    "bbox": box_xyxy_to_xywh(boxes[i]),
+                    "bbox": box_xyxy_to_xywh(boxes[i]).tolist(),
                     "predicted_iou": ious[i].item(),
                     "point_coords": [points[i].tolist()],
                     "stability_score": stability[i].item(),
-                    "crop_box": box_xyxy_to_xywh(crop_boxes[i]),
+                    "crop_box": box_xyxy_to_xywh(crop_boxes[i]).tolist(),
                 }
             )
         return records

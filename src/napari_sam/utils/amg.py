@@ -7,6 +7,8 @@ Conventions (as the reference ``segment_anything.utils.amg``):
 * boxes are XYXY with *inclusive* pixel indices (x_max is the last foreground column), int64;
   an empty mask has the box [0, 0, 0, 0]; records report XYWH as (x0, y0, x1 - x0, y1 - y0);
 * crop boxes are XYXY with exclusive ends ``[x0, y0, x1, y1]`` (image[y0:y1, x0:x1]);
+* masks travel in batches as :class:`MaskData` (dict-like: one key per field, all fields
+  filtered and concatenated together);
 * uncompressed RLE is ``{"size": [h, w], "counts": [...]}`` over the column-major (Fortran)
   flattened mask, starting with the length of the first run of zeros (0 if the first
   pixel is set); COCO RLE is pycocotools' compressed form with ``counts`` as a str.
@@ -15,28 +17,168 @@ Conventions (as the reference ``segment_anything.utils.amg``):
 from __future__ import annotations
 
 import math
+from copy import deepcopy
 from itertools import product
-from typing import Any, Sequence
+from typing import Any, Generator, ItemsView, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
 from torchvision.ops import batched_nms, box_area
 
 __all__ = [
+    "MaskData",
     "area_from_rle",
+    "batch_iterator",
     "batched_mask_to_box",
     "box_xyxy_to_xywh",
     "build_all_layer_point_grids",
     "build_point_grid",
     "calculate_stability_score",
     "coco_encode_rle",
+    "crop_box_scores",
     "generate_crop_boxes",
     "is_box_near_crop_edge",
     "mask_to_rle",
+    "mask_to_rle_pytorch",
     "nms_keep",
     "remove_small_regions",
     "rle_to_mask",
+    "uncrop_boxes_xyxy",
+    "uncrop_masks",
+    "uncrop_points",
 ]
+
+_Field = Union[list, np.ndarray, torch.Tensor]
+_FIELD_TYPES = (list, np.ndarray, torch.Tensor)
+_Box = TypeVar("_Box", list, np.ndarray, torch.Tensor)
+
+
+# -- batches of masks ------------------------------------------------------------------------
+
+
+def _check_field(key: str, value: Any) -> None:
+    if not isinstance(value, _FIELD_TYPES):
+        raise TypeError(f"MaskData field {key!r} must be a list, numpy array or torch tensor, not {type(value).__name__}.")
+
+
+def _join(first: _Field, second: _Field) -> _Field:
+    """``first`` followed by ``second`` along the first axis, in the type of ``second``."""
+    if isinstance(second, torch.Tensor):
+        return torch.cat([first, second], dim=0)
+    if isinstance(second, np.ndarray):
+        return np.concatenate([first, second], axis=0)
+    if isinstance(second, list):
+        return list(first) + second
+    raise TypeError(f"MaskData cannot concatenate a {type(second).__name__}.")
+
+
+class MaskData:
+    """Per-mask fields of a batch of masks, kept row-aligned (the reference's ``MaskData``).
+
+    A small mapping from field name (``"masks"``, ``"rles"``, ``"boxes"``, ``"iou_preds"``,
+    ``"points"``, ``"stability_score"``, ``"crop_boxes"``, ... any name works) to a list,
+    numpy array or torch tensor whose first axis indexes the masks. :meth:`filter` and
+    :meth:`cat` act on every field at once, so the fields stay aligned. Both change the
+    object in place and return None, as in the reference.
+
+    Args:
+        **kwargs: the initial fields.
+
+    Raises:
+        TypeError: a field that is not a list, numpy array or torch tensor (the reference
+            asserts instead).
+    """
+
+    def __init__(self, **kwargs: _Field) -> None:
+        for key, value in kwargs.items():
+            _check_field(key, value)
+        self._stats: dict[str, Any] = dict(kwargs)
+
+    def __setitem__(self, key: str, item: _Field) -> None:
+        _check_field(key, item)
+        self._stats[key] = item
+
+    def __delitem__(self, key: str) -> None:
+        del self._stats[key]
+
+    def __getitem__(self, key: str) -> Any:
+        return self._stats[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._stats
+
+    def items(self) -> ItemsView[str, Any]:
+        """(field name, value) pairs, as ``dict.items``."""
+        return self._stats.items()
+
+    def filter(self, keep: torch.Tensor) -> None:
+        """Keep the rows ``keep`` of every field, in place.
+
+        Args:
+            keep: a boolean tensor with one entry per row, or int64 row indices (rows come
+                out in the order of the indices; repeats are allowed). A field set to None
+                stays None.
+
+        Raises:
+            TypeError: a field of another type.
+        """
+        keep_np = None
+        for key, value in self._stats.items():
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                self._stats[key] = value[torch.as_tensor(keep, device=value.device)]
+            elif isinstance(value, np.ndarray):
+                keep_np = keep.detach().cpu().numpy() if keep_np is None else keep_np
+                self._stats[key] = value[keep_np]
+            elif isinstance(value, list):
+                if keep.dtype == torch.bool:
+                    self._stats[key] = [item for item, flag in zip(value, keep.tolist()) if flag]
+                else:
+                    self._stats[key] = [value[i] for i in keep.tolist()]
+            else:
+                raise TypeError(f"MaskData field {key!r} has an unsupported type {type(value).__name__}.")
+
+    def cat(self, new_stats: "MaskData") -> None:
+        """Append the rows of ``new_stats`` to this one's, field by field, in place.
+
+        Fields missing here (or None) are taken over as deep copies; list fields are
+        deep-copied too, so later changes to ``new_stats`` do not reach this object.
+
+        Raises:
+            TypeError: a field of another type.
+        """
+        for key, value in new_stats.items():
+            current = self._stats.get(key)
+            if current is None:
+                self._stats[key] = deepcopy(value)
+            else:
+                self._stats[key] = _join(current, deepcopy(value) if isinstance(value, list) else value)
+
+    def to_numpy(self) -> None:
+        """Move every tensor field to the CPU as a numpy array, in place."""
+        for key, value in self._stats.items():
+            if isinstance(value, torch.Tensor):
+                self._stats[key] = value.detach().cpu().numpy()
+
+
+def batch_iterator(batch_size: int, *args: Sequence[Any]) -> Generator[list[Any], None, None]:
+    """Walk several equally long sequences in step, ``batch_size`` rows at a time.
+
+    Args:
+        batch_size: rows per batch (the last batch may be shorter).
+        *args: lists, arrays or tensors of equal length.
+
+    Yields:
+        One list per batch holding the slice ``[start:start + batch_size]`` of each argument.
+
+    Raises:
+        ValueError: no sequences, or sequences of different lengths (the reference asserts).
+    """
+    if not args or any(len(a) != len(args[0]) for a in args):
+        raise ValueError("batch_iterator needs one or more sequences, all of the same length.")
+    for start in range(0, len(args[0]), batch_size):
+        yield [a[start : start + batch_size] for a in args]
 
 
 # -- grids and crops -----------------------------------------------------------------------
@@ -93,7 +235,7 @@ def generate_crop_boxes(
 # -- scores and boxes ----------------------------------------------------------------------
 
 
-def calculate_stability_score(logits: torch.Tensor, mask_threshold: float, offset: float) -> torch.Tensor:
+def calculate_stability_score(masks: torch.Tensor, mask_threshold: float, threshold_offset: float) -> torch.Tensor:
     """IoU of the masks thresholded at ``mask_threshold + offset`` and ``- offset`` (float32).
 
     The high-threshold mask lies inside the low one, so the IoU is a ratio of pixel counts
@@ -101,20 +243,29 @@ def calculate_stability_score(logits: torch.Tensor, mask_threshold: float, offse
     NaN, as in the reference.
 
     Args:
-        logits: ...xHxW float mask logits (full resolution of the crop).
+        masks: ...xHxW float mask logits (full resolution of the crop).
         mask_threshold: the model's threshold (0.0).
-        offset: the threshold shift (1.0 by default).
+        threshold_offset: the threshold shift (1.0 in the automatic mask generator).
 
     Returns:
-        float32 tensor of shape ``logits.shape[:-2]``.
+        float32 tensor of shape ``masks.shape[:-2]``.
     """
-    high = (logits > (mask_threshold + offset)).flatten(-2).sum(-1, dtype=torch.int32)
-    low = (logits > (mask_threshold - offset)).flatten(-2).sum(-1, dtype=torch.int32)
+    high = (masks > (mask_threshold + threshold_offset)).flatten(-2).sum(-1, dtype=torch.int32)
+    low = (masks > (mask_threshold - threshold_offset)).flatten(-2).sum(-1, dtype=torch.int32)
     return high / low
 
 
 def batched_mask_to_box(masks: torch.Tensor) -> torch.Tensor:
-    """Inclusive XYXY boxes (int64) around ...xHxW boolean masks; [0, 0, 0, 0] when empty."""
+    """Inclusive XYXY boxes around boolean masks; [0, 0, 0, 0] for an empty mask.
+
+    Args:
+        masks: ...xHxW bool (any leading shape, also a single HxW mask).
+
+    Returns:
+        ...x4 int64 (x_min, y_min, x_max, y_max), x_max/y_max the last foreground
+        column/row. int64 also for an input without elements (the reference returns
+        float32 zeros there).
+    """
     height, width = masks.shape[-2:]
     if masks.numel() == 0:
         return torch.zeros((*masks.shape[:-2], 4), dtype=torch.int64, device=masks.device)
@@ -150,17 +301,74 @@ def is_box_near_crop_edge(
     """
     crop = torch.as_tensor(crop_box, dtype=torch.float32, device=boxes.device)
     image = torch.as_tensor(orig_box, dtype=torch.float32, device=boxes.device)
-    offset = torch.as_tensor([crop_box[0], crop_box[1], crop_box[0], crop_box[1]], device=boxes.device)
-    uncropped = (boxes + offset).float()
+    uncropped = uncrop_boxes_xyxy(boxes, crop_box).float()
     near_crop = torch.isclose(uncropped, crop[None], atol=atol, rtol=0)
     near_image = torch.isclose(uncropped, image[None], atol=atol, rtol=0)
     return (near_crop & ~near_image).any(dim=1)
 
 
-def box_xyxy_to_xywh(box: Sequence[int] | np.ndarray | torch.Tensor) -> list:
-    """XYXY -> [x0, y0, x1 - x0, y1 - y0] as a list of Python numbers."""
-    x0, y0, x1, y1 = (v.item() if hasattr(v, "item") else v for v in box)
-    return [x0, y0, x1 - x0, y1 - y0]
+def box_xyxy_to_xywh(box_xyxy: _Box) -> _Box:
+    """One XYXY box -> XYWH ``(x0, y0, x1 - x0, y1 - y0)``, in the type it came in.
+
+    Args:
+        box_xyxy: a 4-element tensor, numpy array or list (x0, y0, x1, y1).
+
+    Returns:
+        A new object of the same type and dtype (a tensor for a tensor, as the reference;
+        call ``.tolist()`` for JSON). The input is not changed.
+    """
+    x0, y0, x1, y1 = box_xyxy[0], box_xyxy[1], box_xyxy[2], box_xyxy[3]
+    box_xywh = deepcopy(box_xyxy)
+    box_xywh[2] = x1 - x0
+    box_xywh[3] = y1 - y0
+    return box_xywh
+
+
+def uncrop_boxes_xyxy(boxes: torch.Tensor, crop_box: Sequence[int]) -> torch.Tensor:
+    """Move XYXY boxes from a crop's frame to the image's (add the crop's x0, y0).
+
+    Args:
+        boxes: Kx4 or BxKx4 XYXY boxes in the crop frame.
+        crop_box: XYXY crop box in the image frame.
+
+    Returns:
+        Boxes of the same shape in the image frame (dtype by torch's promotion with int64).
+    """
+    x0, y0 = crop_box[0], crop_box[1]
+    shift = torch.tensor([x0, y0, x0, y0], device=boxes.device)
+    return boxes + shift
+
+
+def uncrop_points(points: torch.Tensor, crop_box: Sequence[int]) -> torch.Tensor:
+    """Move (x, y) points from a crop's frame to the image's.
+
+    Args:
+        points: Kx2 or BxKx2 (x, y) points in the crop frame.
+        crop_box: XYXY crop box in the image frame.
+
+    Returns:
+        Points of the same shape in the image frame.
+    """
+    shift = torch.tensor([crop_box[0], crop_box[1]], device=points.device)
+    return points + shift
+
+
+def uncrop_masks(masks: torch.Tensor, crop_box: Sequence[int], orig_h: int, orig_w: int) -> torch.Tensor:
+    """Place masks of a crop into zero-filled masks of the whole image.
+
+    Args:
+        masks: ...xhxw masks of the crop (h = y1 - y0, w = x1 - x0).
+        crop_box: XYXY crop box (exclusive ends) in the image frame.
+        orig_h, orig_w: image size.
+
+    Returns:
+        ...x orig_h x orig_w masks; the input itself when the crop is the whole image.
+    """
+    x0, y0, x1, y1 = crop_box
+    if (x0, y0, x1, y1) == (0, 0, orig_w, orig_h):
+        return masks
+    # F.pad takes (left, right, top, bottom) for the last two axes.
+    return torch.nn.functional.pad(masks, (x0, orig_w - x1, y0, orig_h - y1), value=0)
 
 
 def nms_keep(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -180,6 +388,12 @@ def crop_box_scores(crop_boxes: torch.Tensor) -> torch.Tensor:
 
 
 # -- run-length encoding ---------------------------------------------------------------------
+
+
+def mask_to_rle_pytorch(tensor: torch.Tensor) -> list[dict[str, Any]]:
+    """Uncompressed RLE (pycocotools' layout) of KxHxW boolean masks: :func:`mask_to_rle` in
+    the masks' own frame, the reference's name and signature."""
+    return mask_to_rle(tensor)
 
 
 def mask_to_rle(
@@ -251,12 +465,12 @@ def area_from_rle(rle: dict[str, Any]) -> int:
     return int(sum(rle["counts"][1::2]))
 
 
-def coco_encode_rle(rle: dict[str, Any]) -> dict[str, Any]:
+def coco_encode_rle(uncompressed_rle: dict[str, Any]) -> dict[str, Any]:
     """Uncompressed -> COCO compressed RLE (pycocotools), ``counts`` decoded to str for JSON."""
     from pycocotools import mask as mask_utils
 
-    height, width = rle["size"]
-    encoded = mask_utils.frPyObjects(rle, height, width)
+    height, width = uncompressed_rle["size"]
+    encoded = mask_utils.frPyObjects(uncompressed_rle, height, width)
     encoded["counts"] = encoded["counts"].decode("utf-8")
     return encoded
 
