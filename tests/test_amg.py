@@ -302,3 +302,107 @@ def test_remove_small_regions_equal(mode, area):
         ref, ref_changed = ref_amg_utils.remove_small_regions(mask, area, mode)
         assert changed == ref_changed
         assert np.array_equal(ours, ref)
+
+
+# -- the reference's batching and uncropping helpers --------------------------------------------
+
+
+def _mask_data_pair(module):
+    generator = torch.Generator().manual_seed(0)
+    return module.MaskData(
+        boxes=torch.randint(0, 50, (6, 4), generator=generator),
+        scores=np.arange(6, dtype=np.float32),
+        rles=[{"size": [2, 2], "counts": [i, 4 - i]} for i in range(4)] + [{"size": [2, 2], "counts": [4]}] * 2,
+    )
+
+
+def _as_plain(data) -> dict:
+    return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in data.items()}
+
+
+@pytest.mark.parametrize("keep", [torch.tensor([True, False, True, True, False, True]), torch.tensor([5, 0, 3, 3])])
+def test_mask_data_filter_cat_to_numpy_equal_reference(keep):
+    ours, ref = _mask_data_pair(our_amg), _mask_data_pair(ref_amg_utils)
+    assert ours.filter(keep) is None and ref.filter(keep) is None
+    assert _as_plain(ours) == _as_plain(ref)
+    extra_ours, extra_ref = _mask_data_pair(our_amg), _mask_data_pair(ref_amg_utils)
+    ours.cat(extra_ours)
+    ref.cat(extra_ref)
+    assert _as_plain(ours) == _as_plain(ref)
+    extra_ours["rles"][0]["counts"].append(99)  # cat copied the lists: no aliasing
+    assert _as_plain(ours) == _as_plain(ref)
+    empty = our_amg.MaskData()
+    empty.cat(ours)
+    assert _as_plain(empty) == _as_plain(ours)
+    ours.to_numpy()
+    ref.to_numpy()
+    assert isinstance(ours["boxes"], np.ndarray) and _as_plain(ours) == _as_plain(ref)
+    ours["new"] = [1]
+    del ours["new"]
+    assert "new" not in ours
+    with pytest.raises(TypeError):
+        ours["bad"] = 3
+    with pytest.raises(TypeError):
+        our_amg.MaskData(bad="text")
+
+
+@pytest.mark.parametrize("n, size", [(10, 3), (9, 3), (0, 4), (5, 16)])
+def test_batch_iterator_equal_reference(n, size):
+    a, b = list(range(n)), np.arange(n) * 2
+    ours = list(our_amg.batch_iterator(size, a, b))
+    ref = list(ref_amg_utils.batch_iterator(size, a, b))
+    assert len(ours) == len(ref)
+    for x, y in zip(ours, ref):
+        assert x[0] == y[0] and np.array_equal(x[1], y[1])
+    with pytest.raises(ValueError):
+        list(our_amg.batch_iterator(2, [1, 2], [1]))
+
+
+def test_uncrop_and_xywh_equal_reference():
+    crop = [7, 3, 30, 20]
+    boxes = torch.tensor([[0, 1, 5, 9], [2, 2, 22, 16]])
+    points = torch.tensor([[1.5, 2.0], [10.0, 0.25]], dtype=torch.float64)
+    for ours, ref in (
+        (our_amg.uncrop_boxes_xyxy(boxes, crop), ref_amg_utils.uncrop_boxes_xyxy(boxes, crop)),
+        (our_amg.uncrop_boxes_xyxy(boxes[None], crop), ref_amg_utils.uncrop_boxes_xyxy(boxes[None], crop)),
+        (our_amg.uncrop_points(points, crop), ref_amg_utils.uncrop_points(points, crop)),
+        (our_amg.uncrop_points(points[None], crop), ref_amg_utils.uncrop_points(points[None], crop)),
+    ):
+        assert ours.dtype == ref.dtype and torch.equal(ours, ref)
+    masks = _random_masks(2, n=4, h=17, w=23)
+    for crop_box, orig in (([7, 3, 30, 20], (25, 40)), ([0, 0, 23, 17], (17, 23))):
+        assert torch.equal(our_amg.uncrop_masks(masks, crop_box, *orig), ref_amg_utils.uncrop_masks(masks, crop_box, *orig))
+    for box in (torch.tensor([3, 4, 10, 20]), np.array([3, 4, 10, 20]), [3, 4, 10, 20], torch.tensor([1.5, 2.0, 4.0, 8.5])):
+        before = np.array(box.tolist() if hasattr(box, "tolist") else box)
+        ours, ref = our_amg.box_xyxy_to_xywh(box), ref_amg_utils.box_xyxy_to_xywh(box)
+        assert type(ours) is type(ref) and np.array_equal(np.asarray(ours), np.asarray(ref))
+        assert np.array_equal(np.asarray(box), before)  # the input is not changed
+
+
+def test_mask_to_rle_pytorch_and_boxes_equal_reference():
+    masks = _random_masks(4)
+    assert our_amg.mask_to_rle_pytorch(masks) == ref_amg_utils.mask_to_rle_pytorch(masks)
+    assert our_amg.mask_to_rle_pytorch(masks[:0]) == []
+    nested = _random_masks(5, n=6).reshape(2, 3, 23, 17)
+    assert torch.equal(our_amg.batched_mask_to_box(nested), ref_amg_utils.batched_mask_to_box(nested))
+    assert torch.equal(our_amg.batched_mask_to_box(masks[2]), ref_amg_utils.batched_mask_to_box(masks[2]))
+
+
+@pytest.mark.usefixtures("cv2_oracle")
+def test_postprocess_small_regions_takes_a_reference_mask_data():
+    """micro-sam's call: ``SamAutomaticMaskGenerator.postprocess_small_regions(MaskData(...), ...)``."""
+    from segment_anything import SamAutomaticMaskGenerator as RefAmg
+
+    masks = _random_masks(6, n=8, h=30, w=26)
+
+    def make(module):
+        return module.MaskData(
+            rles=module.mask_to_rle_pytorch(masks),
+            boxes=module.batched_mask_to_box(masks),
+            iou_preds=torch.linspace(0.5, 1.0, 8),
+        )
+
+    ours = SamAutomaticMaskGenerator.postprocess_small_regions(make(our_amg), 4, 0.7)
+    ref = RefAmg.postprocess_small_regions(make(ref_amg_utils), 4, 0.7)
+    assert isinstance(ours, our_amg.MaskData)
+    assert _as_plain(ours) == _as_plain(ref)
