@@ -249,7 +249,7 @@ def test_out_of_image_points_ignored(open_widget, qtbot, groceries):
 def test_bad_checkpoint_is_a_notification(open_widget, qtbot, groceries, tmp_path, monkeypatch):
     viewer, image, widget = open_widget(groceries)
     messages = []
-    monkeypatch.setattr("napari_sam._napari._widget.show_error", messages.append)
+    monkeypatch.setattr("napari_sam._napari._session.show_error", messages.append)  # one error path
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
     widget._picker._checkpoint.value = bad

@@ -16,16 +16,18 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import pandas as pd
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, ProgressBar, PushButton, SpinBox
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 
 from ..amg_settings import AmgSettings
 from ..interactive.automatic import AutomaticResult, all_slices, automatic_steps
 from ..interactive.engine import display_rgb
-from ._layers import current_slice, image_array, spatial_shape, transform_kwargs
+from ._errors import describe_error
+from ._layers import current_slice, image_array, raise_prompt_layers, spatial_shape, transform_kwargs
 from ._model_picker import ModelPicker
 from ._session import session_for, unwrap_viewer
+from ._status import StatusArea, add_full_width
 
 
 # Step of the float controls; an open upper bound (e.g. crop_overlap_ratio < 1) stops one step short.
@@ -70,8 +72,8 @@ class AutomaticSegmentationWidget(Container):
         self._viewer = unwrap_viewer(napari_viewer)
         self.session = session_for(self._viewer)
         self._image = ComboBox(label="Image", choices=self._image_choices, tooltip="Image layer to segment.")
-        self._status = Label(value="")
-        self._picker = ModelPicker(self.session, self._show_status)
+        self._status = StatusArea("")
+        self._picker = ModelPicker(self.session, self._status.show_error)
         self._settings_class = settings_class
         self._settings = setting_controls(settings_class)
         self._model_overrides: dict[str, Any] = {}  # the settings the current model changed
@@ -81,7 +83,8 @@ class AutomaticSegmentationWidget(Container):
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(value=0, max=1, label="Progress")
         self.extend([self._image, *self._picker.widgets, *self._settings.values(),
-                     self._all_slices, self._run, self._cancel, self._progress, self._status])
+                     self._all_slices, self._run, self._cancel, self._progress])
+        add_full_width(self, self._status)
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
         self._disconnect_model = self.session.on_model_changed(self._on_model_changed)
@@ -90,10 +93,8 @@ class AutomaticSegmentationWidget(Container):
         self._viewer.layers.events.inserted.connect(self._image.reset_choices)
         self._viewer.layers.events.removed.connect(self._image.reset_choices)
         self._worker: Any = None
+        self._failed = False
         self.result_layer: Optional[Labels] = None
-
-    def _show_status(self, message: str) -> None:
-        self._status.value = message
 
     def _on_model_changed(self) -> None:
         spec = self.session.spec
@@ -129,7 +130,7 @@ class AutomaticSegmentationWidget(Container):
         """Start the automatic segmentation in a background worker; returns the worker."""
         image = self._image.value
         if image is None:
-            show_error("Automatic segmentation: add or choose an image layer first.")
+            self._refuse("Add or choose an image layer first.")
             return None
         if self._worker is not None:
             show_info("Automatic segmentation is already running; cancel it first.")
@@ -137,16 +138,16 @@ class AutomaticSegmentationWidget(Container):
         try:
             spec = current_slice(self._viewer, image)
         except ValueError as error:
-            show_error(str(error))
+            self._refuse(str(error))
             return None
         slices = all_slices(spec) if self._all_slices.value else [spec]
         if not self.session.has_model:
-            show_error("Automatic segmentation: choose a model first.")
+            self._refuse("Choose a model first.")
             return None
         try:
             settings = self.settings()
         except ValueError as error:
-            show_error(f"Automatic segmentation: {error}")
+            self._refuse(str(error))
             return None
         data, rgb, limits = image_array(image), bool(image.rgb), tuple(image.contrast_limits)
 
@@ -163,12 +164,20 @@ class AutomaticSegmentationWidget(Container):
             return (yield from engine.locked(automatic_steps(generator, planes)))
 
         self._run.enabled, self._cancel.enabled = False, True
+        self._failed = False
+        self._progress.value = 0
         self._status.value = f"Segmenting {len(slices)} slice(s) of {image.name}..."
         self._worker = self.session.run(
-            work, yielded=self._on_progress, returned=lambda result: self._on_returned(image, result),
-            errored=lambda error: show_error(f"Automatic segmentation failed: {error}"), finished=self._on_finished,
+            work, task="Automatic segmentation", yielded=self._on_progress,
+            returned=lambda result: self._on_returned(image, result), errored=self._on_errored,
+            finished=self._on_finished,
         )
         return self._worker
+
+    def _refuse(self, message: str) -> None:
+        """A run that cannot start: say why in the status area and as a notification."""
+        self._status.show_error(message)
+        show_error(f"Automatic segmentation: {message}")
 
     def cancel(self, _: Any = None) -> None:
         """Stop after the current point batch; nothing is written."""
@@ -181,8 +190,14 @@ class AutomaticSegmentationWidget(Container):
         self._progress.value = progress.done
         self._status.value = f"Slice {progress.slice_index + 1}/{progress.slices}: {progress.masks} masks so far"
 
+    def _on_errored(self, error: BaseException) -> None:
+        """The job failed (the session logged it and showed a notification): nothing is written;
+        say why here (``finished`` follows and enables Run again)."""
+        self._failed = True
+        self._status.show_error(f"Automatic segmentation failed: {describe_error(error)}")
+
     def _on_finished(self) -> None:
-        if self._worker is not None and self._worker.abort_requested:
+        if self._worker is not None and self._worker.abort_requested and not self._failed:
             self._status.value = "Cancelled."
         self._worker = None
         self._run.enabled, self._cancel.enabled = True, False
@@ -194,6 +209,7 @@ class AutomaticSegmentationWidget(Container):
             data = np.zeros(spatial_shape(image), dtype=np.uint32)
             layer = self._viewer.add_labels(data, name=name, **transform_kwargs(image))
             self.result_layer = layer
+            raise_prompt_layers(self._viewer)  # points and boxes stay visible above the masks
         data = layer.data
         for spec, labels in zip(result.slices, result.labels):
             spec.put(data, labels)

@@ -54,6 +54,42 @@ def find_layer(viewer: Any, role: str, image: Image) -> Optional[Any]:
     return None
 
 
+PROMPT_ROLES = ("points", "boxes")
+
+
+def raise_prompt_layers(viewer: Any, extra: Any = ()) -> bool:
+    """Move the prompt layers to the top of the layer list when a Labels layer is above one of them.
+
+    Masks drawn over points and boxes would hide them, so prompt layers stay above every
+    Labels layer (output, current object, automatic results, the user's own). The prompt
+    layers are the ones this plugin made (any image) and ``extra`` (e.g. the Points and Shapes
+    layers chosen in the widget); their order among themselves is kept.
+
+    Args:
+        viewer: the napari viewer.
+        extra: more prompt layers (None entries are ignored).
+
+    Returns:
+        Whether any layer moved.
+    """
+    layers = viewer.layers
+    extra_ids = {id(layer) for layer in extra if layer is not None}
+    prompts = [
+        index for index, layer in enumerate(layers)
+        if id(layer) in extra_ids or (_role(layer) in PROMPT_ROLES and isinstance(layer, (Points, Shapes)))
+    ]
+    top_labels = max((index for index, layer in enumerate(layers) if isinstance(layer, Labels)), default=-1)
+    if not prompts or min(prompts) > top_labels:
+        return False
+    layers.move_multiple(prompts, len(layers))
+    return True
+
+
+def _role(layer: Any) -> Optional[str]:
+    meta = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
+    return meta.get("role") if isinstance(meta, dict) else None
+
+
 def label_features(values: Any = ()) -> pd.DataFrame:
     """A features table with the categorical ``label`` column (positive / negative)."""
     return pd.DataFrame({"label": pd.Categorical(list(values), categories=list(POINT_LABELS))})

@@ -7,14 +7,19 @@ registry's user-facing types (:func:`napari_sam.models.model_choices`).
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable, Optional
 
 from magicgui.widgets import ComboBox, FileEdit
+from napari.utils.notifications import show_error
 
 from ..models import AUTO, DEVICES, ModelSpec, default_model_type, model_choices
 from ..predictor import PRECISIONS
+from ._errors import describe_error
 from ._session import SegmentationSession
+
+_logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "file"
 PRECISION_HELP = "fp32 gives the reference's results; bf16 can be faster on recent CPUs and GPUs; fp16 needs a GPU."
@@ -26,7 +31,9 @@ class ModelPicker:
     Args:
         session: the viewer's session, whose model choice the controls set and show.
         on_error: called with a message when the controls do not describe a usable model
-            (e.g. "Checkpoint file" chosen without a file).
+            (e.g. "Checkpoint file" chosen without a file) or the choice failed. A model that
+            cannot be loaded (no network, bad file) fails later, in the job that loads it
+            (:meth:`SegmentationSession.run`'s error path).
         precision: show the precision control.
 
     Attributes:
@@ -86,7 +93,12 @@ class ModelPicker:
         except ValueError as error:
             self._on_error(str(error))
             return
-        self.session.choose(spec)
+        try:
+            self.session.choose(spec)
+        except Exception as error:  # e.g. a widget following the session failed: say so, stay usable
+            _logger.error("Choosing %s failed", spec.label, exc_info=True)
+            self._on_error(describe_error(error))
+            show_error(f"Segment Anything: choosing {spec.label} failed: {describe_error(error)}")
 
     def _show(self) -> None:
         """Show the session's model choice (set elsewhere) without choosing again."""

@@ -48,6 +48,7 @@ class CurrentObject:
         layer = self.layer(image)
         if layer is None or tuple(layer.data.shape) != _layers.spatial_shape(image):
             layer = _layers.make_labels_layer(self.viewer, image, "current", CURRENT_NAME, opacity=0.6)
+            _layers.raise_prompt_layers(self.viewer)  # masks must not hide the prompts
             self._region = None
             if self._on_layer_created is not None:
                 self._on_layer_created()

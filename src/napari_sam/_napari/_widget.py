@@ -37,7 +37,9 @@ from . import _layers
 from ._model_picker import ModelPicker
 from ._prompt_layers import flip_selected_points, polarity, read_prompts, remove_prompts_on_slice, shift_pressed
 from ._objects import CURRENT_NAME, OUTPUT_NAME, CurrentObject, commit_objects, redo_commit, undo_commit
+from ._errors import describe_error
 from ._session import session_for, unwrap_viewer
+from ._status import StatusArea, add_full_width
 
 _logger = logging.getLogger(__name__)
 
@@ -130,7 +132,7 @@ class SamWidget(Container):
         self._hooked_points: "weakref.WeakSet[Points]" = weakref.WeakSet()
 
         self._image_combo = ComboBox(label="Image", choices=self._image_choices, nullable=True)
-        self._status = Label(value="Choose an image layer and add prompts.")
+        self._status = StatusArea("Choose an image layer and add prompts.")
         self._picker = ModelPicker(self.session, self._show_model_error)
         self._points_combo = ComboBox(label="Points", choices=self._points_choices)
         self._boxes_combo = ComboBox(label="Boxes", choices=self._shapes_choices)
@@ -150,11 +152,10 @@ class SamWidget(Container):
                 Container(widgets=[self._commit_btn, self._clear_btn], layout="horizontal", labels=False),
                 Container(widgets=[self._undo_btn, self._redo_btn], layout="horizontal", labels=False),
                 self._hints,
-                self._status,
             ]
         )
+        add_full_width(self, self._status)
         self._hints.native.setWordWrap(True)
-        self._status.native.setWordWrap(True)
 
         self._closed = False
         self._relay = _DownloadRelay(self.native)
@@ -163,6 +164,11 @@ class SamWidget(Container):
         self._timer.setSingleShot(True)
         self._timer.setInterval(DEBOUNCE_MS)
         self._timer.timeout.connect(self.request_prediction)
+        self._raise_timer = QTimer(self.native)  # prompt layers back on top, after the event that moved them
+        self._raise_timer.setSingleShot(True)
+        self._raise_timer.setInterval(0)
+        self._raise_timer.timeout.connect(self.raise_prompt_layers)
+        self._started_model_version = -1
 
         self._image_combo.changed.connect(self._on_image_changed)
         self._connected.append((None, self.session.on_model_changed(self._on_model_changed)))
@@ -176,6 +182,7 @@ class SamWidget(Container):
         layers = self.viewer.layers
         for emitter in (layers.events.inserted, layers.events.removed, layers.events.moved):
             self._listen(emitter, self._reset_layer_choices)
+        self._listen(layers.events.inserted, self._on_layer_inserted)
         self._listen(self.viewer.dims.events.current_step, self._on_slice_changed)
         self._listen(self.viewer.dims.events.ndisplay, self._on_slice_changed)
         self._bind_keys(self.viewer)
@@ -223,9 +230,20 @@ class SamWidget(Container):
         finally:
             self._resetting = False
 
+    def _on_layer_inserted(self, event: Any = None) -> None:
+        if not self._closed and isinstance(getattr(event, "value", None), Labels):
+            self._raise_timer.start()  # not inside napari's own handling of the insertion
+
+    def raise_prompt_layers(self) -> bool:
+        """Move the prompt layers above every Labels layer (masks would hide points and boxes)."""
+        if self._closed:
+            return False
+        return _layers.raise_prompt_layers(self.viewer, [self.points_layer, self.shapes_layer])
+
     def _disconnect_all(self, *_: Any) -> None:
         """Stop listening to napari and drop pending work (the Qt widget is going away)."""
         self._closed = True
+        self._raise_timer.stop()
         self.cancel()
         for emitter, callback in self._connected:
             try:
@@ -298,11 +316,12 @@ class SamWidget(Container):
         self.points_layer.mode = "add"
 
     def _ensure_layers(self, image: Image, find: Any, viewer: Any) -> None:
-        points = find(viewer, "points", image) or _layers.make_points_layer(viewer, image)
-        boxes = find(viewer, "boxes", image) or _layers.make_boxes_layer(viewer, image)
+        # Labels first, prompts above them (existing prompt layers are raised after the event).
+        output = find(viewer, "output", image) or _layers.make_labels_layer(viewer, image, "output", OUTPUT_NAME)
         if find(viewer, "current", image) is None:
             _layers.make_labels_layer(viewer, image, "current", CURRENT_NAME, opacity=0.6)
-        output = find(viewer, "output", image) or _layers.make_labels_layer(viewer, image, "output", OUTPUT_NAME)
+        points = find(viewer, "points", image) or _layers.make_points_layer(viewer, image)
+        boxes = find(viewer, "boxes", image) or _layers.make_boxes_layer(viewer, image)
         self._reset_layer_choices()
         self._points_combo.value = points
         self._boxes_combo.value = boxes
@@ -351,7 +370,7 @@ class SamWidget(Container):
         self.session.use_model(model)
 
     def _show_model_error(self, message: str) -> None:
-        self._status.value = message
+        self._status.show_error(message)
 
     def _on_model_changed(self) -> None:
         if self._closed:
@@ -429,8 +448,12 @@ class SamWidget(Container):
         return request
 
     def _start(self, request: _Request) -> None:
-        if request.cache_key(self.engine) not in self.engine.cache:
+        if self.engine.needs_loading:
+            spec = self.engine.spec
+            self._status.value = f"Loading {spec.label if spec is not None else 'the model'}..."
+        elif request.cache_key(self.engine) not in self.engine.cache:
             self._status.value = "Computing the image embedding..."
+        self._started_model_version = self.session.model_version
         # Progress goes to the widget's status line, not to a napari ``progress`` bar: that
         # bar shows an animated activity indicator whose repaints (the whole window is
         # recomposed through OpenGL while a canvas is visible) cost CPU the embedding needs.
@@ -470,12 +493,18 @@ class SamWidget(Container):
         size = f"{done / 2**20:.0f} / {total / 2**20:.0f} MiB" if total else f"{done / 2**20:.0f} MiB"
         self._status.value = f"Downloading {self.engine.spec.label if self.engine.spec else 'weights'}: {size}"
 
-    def _on_errored(self, error: Exception) -> None:
+    def _on_errored(self, error: BaseException) -> None:
+        """The job failed (the session logged it and showed a notification): say so here, and stay usable.
+
+        The queued request is dropped unless the model changed since the job started (it would
+        fail the same way); the next prompt, or another model, starts a new job.
+        """
         if self._closed:
             return None
         self._commit_when_ready = False
-        self._status.value = f"Error: {error}"
-        show_error(f"Segment Anything: {error}")
+        if self.session.model_version == self._started_model_version:
+            self._pending = None
+        self._status.show_error(f"Error: {describe_error(error)}")
 
     def _on_returned(self, result: tuple[_Request, list[np.ndarray]]) -> None:
         if self._closed:

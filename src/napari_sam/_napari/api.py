@@ -138,5 +138,6 @@ def segment(
         target = widget.output_layer if same_image else _layers.find_layer(viewer, "output", image)
     if target is None:
         target = _layers.make_labels_layer(viewer, image, "output", OUTPUT_NAME)
+        _layers.raise_prompt_layers(viewer, [points, shapes])  # masks must not hide the prompts
     commit_objects(session, target, spec, masks)
     return target
