@@ -1,14 +1,17 @@
 """The files of a training run folder: resumable training state, loss history, final weights.
 
-``training_state.pt`` holds the model and optimizer state dicts, the number of steps done,
-the logged history and the run's :class:`~napari_sam.training.config.TrainConfig` (as a
-dict); ``history.jsonl`` one JSON line of losses per logged step; ``model.pth`` a plain SAM
-state dict. Every write is atomic: a temporary file, then a rename.
+``training_state.pt`` holds the model and optimizer state dicts (tensors) and, as one JSON
+string beside them, the number of steps done, the logged history and the run's
+:class:`~napari_sam.training.config.TrainConfig`; ``history.jsonl`` one JSON line of losses per
+logged step; ``model.pth`` a plain SAM state dict. Every write is atomic: a temporary file,
+then a rename. Every read uses ``torch.load(weights_only=True)``: a run folder from elsewhere
+can hold no code that runs on resume (a file with pickled objects is refused).
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from .config import TrainConfig
 STATE_FILE = "training_state.pt"
 HISTORY_FILE = "history.jsonl"
 MODEL_FILE = "model.pth"
+PROGRESS_KEY = "progress_json"  # steps done, history and settings: a JSON string in the state file
 
 
 def save_atomic(obj: object, path: Path) -> None:
@@ -42,11 +46,19 @@ def save_training_state(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, config: TrainConfig,
 ) -> None:
     """Write the resumable training state (atomic)."""
+    progress = {"step": state.step, "history": state.history, "config": asdict(config)}
     save_atomic(
-        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
-         "history": state.history, "config": asdict(config)},
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+         PROGRESS_KEY: json.dumps(progress, default=_json_value)},
         path,
     )
+
+
+def _json_value(value: Any) -> Any:
+    """JSON form of config values that JSON lacks (paths, tuples are lists already)."""
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"Cannot store {type(value).__name__} {value!r} in the training state.")
 
 
 def load_training_state(
@@ -56,11 +68,26 @@ def load_training_state(
 
     Returns:
         (the saved :class:`TrainState`, the saved settings as a dict; empty when absent).
+
+    Raises:
+        ValueError: the file holds pickled objects other than tensors and plain containers
+            (``torch.load(weights_only=True)`` refuses them: nothing in it is run), or is not
+            a training state.
     """
-    saved = torch.load(path, map_location=next(model.parameters()).device, weights_only=False)
+    try:
+        saved = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} is not a napari-sam training state that can be loaded safely (it holds pickled objects, "
+            f"which are never run): {error}"
+        ) from error
+    if not isinstance(saved, dict) or "model" not in saved or "optimizer" not in saved:
+        raise ValueError(f"{path} is not a napari-sam training state (expected model and optimizer state dicts).")
+    # PROGRESS_KEY: JSON since this format; older files kept the same values as plain entries.
+    progress = json.loads(saved[PROGRESS_KEY]) if PROGRESS_KEY in saved else saved
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    return TrainState(saved["step"], saved["history"]), saved.get("config", {})
+    return TrainState(int(progress["step"]), list(progress["history"])), dict(progress.get("config", {}))
 
 
 def append_history(path: Path, record: dict[str, Any]) -> None:

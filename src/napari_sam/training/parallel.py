@@ -19,6 +19,7 @@ import the trainer: the loop reaches the spawned replicas pickled by reference.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import multiprocessing
@@ -173,14 +174,13 @@ def run_data_parallel(
         )
     threads_before = torch.get_num_threads()
     threads = max(1, threads_before // world)
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
+    skeleton, weights = _model_parts(model)
     address = f"tcp://127.0.0.1:{_free_port()}"
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(
             target=_replica_main, name=f"napari-sam-replica-{rank}",
-            args=(rank, world, address, threads, buffer.getvalue(), data, config, str(out), log_every, run_steps),
+            args=(rank, world, address, threads, skeleton, weights, data, config, str(out), log_every, run_steps),
         )
         for rank in range(1, world)
     ]
@@ -206,14 +206,37 @@ def run_data_parallel(
                 worker.join()
 
 
+def _model_tensors(model: Sam) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` by name (non-persistent buffers included)."""
+    return dict((*model.named_parameters(), *model.named_buffers()))
+
+
+def _model_parts(model: Sam) -> tuple[Sam, bytes]:
+    """The model as (a copy without weights, its tensors as ``torch.save`` bytes) for a replica.
+
+    The copy's parameters and buffers are empty, so the spawn pickle carries the module
+    structure only (never a tensor shared with this process); the tensors travel as a plain
+    name -> tensor dict that the replica reads with ``torch.load(weights_only=True)``.
+    """
+    buffer = io.BytesIO()
+    torch.save({name: tensor.detach() for name, tensor in _model_tensors(model).items()}, buffer)
+    skeleton = copy.deepcopy(model)
+    for tensor in _model_tensors(skeleton).values():
+        tensor.data = torch.empty(0, dtype=tensor.dtype)
+    return skeleton, buffer.getvalue()
+
+
 def _replica_main(
-    rank: int, world: int, address: str, threads: int, model_bytes: bytes, data: TrainingData, config: TrainConfig,
-    out: str, log_every: int, run_steps: RunSteps,
+    rank: int, world: int, address: str, threads: int, skeleton: Sam, weights: bytes, data: TrainingData,
+    config: TrainConfig, out: str, log_every: int, run_steps: RunSteps,
 ) -> None:
     """Entry point of replica ``rank`` > 0 (a spawned process)."""
     torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
-    model = torch.load(io.BytesIO(model_bytes), weights_only=False)
+    tensors = torch.load(io.BytesIO(weights), weights_only=True)
+    for name, tensor in _model_tensors(skeleton).items():
+        tensor.data = tensors[name]
+    model = skeleton
     dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     try:
         run_steps(model, data, config, Path(out), None, log_every, Replica(rank, world))
