@@ -121,3 +121,43 @@ def test_display_rgb_follows_contrast_limits():
     assert display_rgb(floats, (-1, 1), rgb=False)[0, :, 1].tolist() == [0, 128, 255]
     with pytest.raises(ValueError, match="2-D grayscale"):
         display_rgb(photo, (0, 255), rgb=False)
+
+
+class _SlowSpec:
+    """A model choice whose load waits for ``release`` (a download in progress)."""
+
+    precision = "fp32"
+
+    def __init__(self, name: str, release=None) -> None:
+        import threading
+
+        self.name, self.release, self.started = name, release, threading.Event()
+
+    def load(self, progress=None):
+        self.started.set()
+        if self.release is not None:
+            assert self.release.wait(10), "the test never released the load"
+        return f"model {self.name}"
+
+
+def test_choosing_another_model_during_a_slow_load_does_not_wait_and_wins():
+    """The GUI thread must not freeze on a download: set_spec returns at once, and the model
+    loaded for the replaced choice is discarded."""
+    import threading
+    import time
+
+    from napari_sam.interactive.engine import SamEngine
+
+    release = threading.Event()
+    slow, other = _SlowSpec("slow", release), _SlowSpec("other")
+    engine = SamEngine(slow)
+    result = {}
+    loader = threading.Thread(target=lambda: result.setdefault("model", engine.ensure_model()))
+    loader.start()
+    assert slow.started.wait(10)
+    start = time.perf_counter()
+    engine.set_spec(other)  # while "slow" is still downloading
+    assert time.perf_counter() - start < 1.0
+    release.set()
+    loader.join(10)
+    assert result["model"] == "model other" and engine.model == "model other" and engine.spec is other

@@ -119,7 +119,9 @@ class SamEngine:
     """One model, its embedding cache, and mask predictions for object prompts.
 
     Thread use: all model work takes ``self.lock``; one thread at a time computes. The
-    embedding generator takes the lock per step, never across a yield.
+    embedding generator takes the lock per step, never across a yield. Loading a model
+    (a download can take minutes) runs outside the lock, so the GUI thread can choose another
+    model meanwhile; a model whose choice was replaced while it loaded is discarded.
 
     Args:
         spec: the model to load lazily (on first use) or None to set one later.
@@ -141,6 +143,7 @@ class SamEngine:
         self.lock = threading.RLock()
         self.embeddings_computed = 0
         self._model_serial = 0 if model is None else 1
+        self._choice_serial = 0  # goes up with every set_spec / set_model
         self._predictor: Optional["SamPredictor"] = None
         # torch's intra-op thread count as set in the thread that made the engine; worker
         # threads may start with a different one (napari issue seen in micro-sam #740).
@@ -154,6 +157,7 @@ class SamEngine:
                 self.spec = spec
                 self.model = None
                 self._predictor = None
+                self._choice_serial += 1
                 self.cache.clear()
 
     def set_model(self, model: Any) -> None:
@@ -163,6 +167,7 @@ class SamEngine:
             self.spec = None
             self._predictor = None
             self._model_serial += 1
+            self._choice_serial += 1
             self.cache.clear()
 
     @property
@@ -176,17 +181,27 @@ class SamEngine:
             progress: called as ``progress(downloaded_bytes, total_bytes)`` while known weights
                 are downloaded.
 
+        The download and build run outside ``self.lock`` (see the class); when another model
+        is chosen meanwhile, the loaded one is discarded and the new choice is loaded.
+
         Raises:
             RuntimeError: no model chosen; and whatever :func:`napari_sam.models.create_model` raises.
         """
-        with self.lock:
-            if self.model is None:
+        while True:
+            with self.lock:
+                if self.model is not None:
+                    return self.model
                 if self.spec is None:
                     raise RuntimeError("No SAM model chosen.")
-                self.adopt_thread_settings()
-                self.model = self.spec.load(progress)
-                self._model_serial += 1
-            return self.model
+                spec, choice = self.spec, self._choice_serial
+            self.adopt_thread_settings()
+            model = spec.load(progress)
+            with self.lock:
+                if self._choice_serial == choice and self.model is None:
+                    self.model = model
+                    self._model_serial += 1
+                    return model
+            # The choice changed while loading (or another thread loaded it): look again.
 
     def adopt_thread_settings(self) -> None:
         """Give the calling thread the same torch intra-op thread count as the creating thread."""
@@ -205,8 +220,8 @@ class SamEngine:
         """The predictor of the current model (one per model; its image is set per prediction)."""
         from ..predictor import SamPredictor
 
+        model = self.ensure_model()  # loads outside the lock
         with self.lock:
-            model = self.ensure_model()
             if self._predictor is None or self._predictor.model is not model:
                 self._predictor = SamPredictor(model, precision=self.precision)
             return self._predictor
@@ -246,6 +261,7 @@ class SamEngine:
         Yields ``(steps_done, steps_total)`` (see :meth:`napari_sam.SamPredictor.embedding_steps`)
         and returns the embedding; steps run under the lock (:meth:`locked`).
         """
+        self.ensure_model()  # loads outside the lock
         with self.lock:
             self.adopt_thread_settings()
             steps = self.predictor.embedding_steps(rgb)
@@ -271,6 +287,7 @@ class SamEngine:
         Each object runs through ``SamPredictor.predict`` with ``ObjectPrompt.predict_kwargs``
         on ``embedding`` (no encoder work).
         """
+        self.ensure_model()  # loads outside the lock
         with self.lock:
             self.adopt_thread_settings()
             predictor = self.predictor
