@@ -72,7 +72,7 @@ def test_one_entry_reaches_every_door(tiny_type, tmp_path):
     masks, scores, low_res = predictor.predict(np.array([[60.0, 45.0]]), np.array([1]))
     assert masks.shape == (3, 90, 120) and low_res.shape == (3, 32, 32)
     # Menus, command lines and AMG thresholds.
-    assert (tiny_type.description, NAME) in model_choices()
+    assert (f"Other | {NAME}: {tiny_type.description}", NAME) in model_choices()
     assert NAME in build_parser().format_help() and NAME in _train_help("scratch")
     assert AmgSettings.for_model(NAME).pred_iou_thresh == 0.5
     assert as_spec("tiny_alias").model_type == NAME and canonical_type("tiny_alias") == NAME

@@ -38,6 +38,10 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 AUTO = "auto"
 #: Seed of the random weights of test-only types that have no weights file.
 RANDOM_WEIGHTS_SEED = 0
+#: The menu groups, in menu order (:attr:`ModelEntry.group`); a type without a group is in the last.
+GROUPS = (
+    "General SAM", "Light microscopy", "Electron microscopy", "Histopathology", "Medical imaging", "Offline", "Other",
+)
 
 
 class Architecture(Protocol):
@@ -46,6 +50,44 @@ class Architecture(Protocol):
     def build(self) -> "Sam": ...
 
     def fits(self, state_dict: Mapping[str, Any]) -> bool: ...
+
+
+@dataclass(frozen=True)
+class SameAs:
+    """The architecture of another registered type, looked up when it is used.
+
+    For types that are other weights of an existing architecture (micro-sam's ``vit_b_lm`` is
+    ``vit_b`` with other weights): the entry can be registered before (or without) the type it
+    names. :func:`detect_model_type` never answers such a type (it answers the one named here).
+
+    Attributes:
+        model_type: the type whose architecture this is.
+    """
+
+    model_type: str
+
+    def resolve(self) -> Architecture:
+        """The named type's architecture.
+
+        Raises:
+            KeyError: that type is not registered in this install.
+        """
+        entry = _MODELS.get(self.model_type)
+        if entry is None:
+            raise KeyError(
+                f"These weights load into the {self.model_type!r} architecture, which is not registered in this "
+                f"install of napari-sam (known types: {', '.join(_MODELS)})."
+            )
+        return entry.architecture
+
+    def build(self) -> "Sam":
+        return self.resolve().build()
+
+    def fits(self, state_dict: Mapping[str, Any]) -> bool:
+        try:
+            return self.resolve().fits(state_dict)
+        except KeyError:
+            return False
 
 
 @dataclass(frozen=True)
@@ -67,6 +109,7 @@ class ModelEntry:
             are available without a download (bundled, or in the cache folder) wins; None: never
             chosen automatically.
         aliases: other names of this type (the reference's ``"default"`` for vit_h).
+        group: the menu group, one of :data:`GROUPS` ("" = "Other").
     """
 
     name: str
@@ -77,6 +120,17 @@ class ModelEntry:
     user_facing: bool = True
     auto_rank: Optional[int] = None
     aliases: tuple[str, ...] = ()
+    group: str = ""
+
+    @property
+    def base_type(self) -> str:
+        """The type that owns this type's architecture (itself, or the :class:`SameAs` type)."""
+        return self.architecture.model_type if isinstance(self.architecture, SameAs) else self.name
+
+    @property
+    def available(self) -> bool:
+        """Its architecture is registered (a :class:`SameAs` type's may not be, in this install)."""
+        return self.base_type in _MODELS
 
 
 _MODELS: dict[str, ModelEntry] = {}
@@ -100,6 +154,8 @@ def register_model(entry: ModelEntry, *, replace: bool = False) -> ModelEntry:
     taken = [n for n in (entry.name, *entry.aliases) if n in _MODELS or n in _ALIASES]
     if taken and not replace:
         raise ValueError(f"Model type {taken[0]!r} is already registered.")
+    if entry.group and entry.group not in GROUPS:
+        raise ValueError(f"Model group {entry.group!r} of {entry.name!r} is not one of {', '.join(GROUPS)}.")
     if entry.weights is not None and entry.weights.model_type != entry.name:
         raise ValueError(f"Weights {entry.weights.name!r} are for {entry.weights.model_type!r}, not {entry.name!r}.")
     if entry.weights is not None:
@@ -131,9 +187,9 @@ def canonical_type(name: str) -> str:
 def _architecture_type(name: str) -> str:
     """The registry type of ``name``: the type itself, or the type that known weights load into."""
     if name in _MODELS:
-        return name
+        return _MODELS[name].base_type
     known = weights.KNOWN_WEIGHTS.get(name)
-    return known.model_type if known is not None else name
+    return _architecture_type(known.model_type) if known is not None and known.model_type != name else name
 
 
 def model_entry(name: str) -> ModelEntry:
@@ -149,22 +205,47 @@ def model_entry(name: str) -> ModelEntry:
 
 
 def model_types(user_facing: Optional[bool] = None, aliases: bool = False) -> list[str]:
-    """Registered type names, in registration order.
+    """Registered type names, in registration order (types whose architecture is not
+    registered in this install, see :class:`SameAs`, are left out).
 
     Args:
         user_facing: True: only the types users are offered; False: only test-only types;
             None: all.
         aliases: append the aliases (e.g. ``"default"``).
     """
-    names = [n for n, e in _MODELS.items() if user_facing is None or e.user_facing == user_facing]
+    names = [n for n, e in _MODELS.items() if (user_facing is None or e.user_facing == user_facing) and e.available]
     if aliases:
         names += [a for a, n in _ALIASES.items() if n in names]
     return names
 
 
-def model_choices() -> list[tuple[str, str]]:
-    """``(description, name)`` of the user-facing types, for menus."""
-    return [(e.description, n) for n, e in _MODELS.items() if e.user_facing]
+def group_of(entry: ModelEntry) -> str:
+    """The entry's menu group ("Other" when it has none)."""
+    return entry.group or GROUPS[-1]
+
+
+def menu_types() -> list[str]:
+    """The user-facing types in menu order: by :data:`GROUPS`, registration order within a group."""
+    names = model_types(user_facing=True)
+    return sorted(names, key=lambda n: GROUPS.index(group_of(_MODELS[n])))
+
+
+def menu_label(name: str, cache_dir: Optional[PathLike] = None) -> str:
+    """One menu line: ``"<group> | <name>: <description> [downloaded]"`` (the descriptions give
+    the download size); the mark says whether the type's weights are in the cache folder
+    ("downloaded") or not ("not downloaded"); none for bundled weights and types without any."""
+    entry = model_entry(name)
+    known = entry.weights
+    mark = ""
+    if known is not None and known.bundled is None:
+        mark = " [downloaded]" if weights.is_cached(known.name, cache_dir) else " [not downloaded]"
+    return f"{group_of(entry)} | {entry.name}: {entry.description}{mark}"
+
+
+def model_choices(cache_dir: Optional[PathLike] = None) -> list[tuple[str, str]]:
+    """``(label, name)`` of the user-facing types for menus, grouped (see :func:`menu_types`,
+    :func:`menu_label`: group, description, size and whether the weights are downloaded)."""
+    return [(menu_label(n, cache_dir), n) for n in menu_types()]
 
 
 def amg_thresholds(model_type: Optional[str]) -> dict[str, float]:
@@ -175,8 +256,10 @@ def amg_thresholds(model_type: Optional[str]) -> dict[str, float]:
 
 
 def architecture(model_type: str) -> Architecture:
-    """The architecture config of a type (e.g. its :class:`~napari_sam.models.sam_vit.SamConfig`)."""
-    return model_entry(model_type).architecture
+    """The architecture config of a type (e.g. its :class:`~napari_sam.models.sam_vit.SamConfig`; for
+    a :class:`SameAs` type, the config of the type it names)."""
+    found = model_entry(model_type).architecture
+    return found.resolve() if isinstance(found, SameAs) else found
 
 
 # -- devices ------------------------------------------------------------------------------------
@@ -260,7 +343,7 @@ def detect_model_type(state_dict: Mapping[str, Any]) -> str:
         CheckpointError: no registered type fits.
     """
     for name, entry in _MODELS.items():
-        if entry.architecture.fits(state_dict):
+        if not isinstance(entry.architecture, SameAs) and entry.architecture.fits(state_dict):
             return name
     if not any(str(key).startswith("image_encoder.") for key in state_dict):
         raise CheckpointError(
@@ -268,9 +351,10 @@ def detect_model_type(state_dict: Mapping[str, Any]) -> str:
         )
     from .sam_vit import describe_state_dict
 
+    owners = [n for n, e in _MODELS.items() if not isinstance(e.architecture, SameAs)]
     raise CheckpointError(
         f"Unknown SAM image encoder in checkpoint ({describe_state_dict(state_dict)}); "
-        f"known types: {', '.join(_MODELS)}."
+        f"known types: {', '.join(owners)}."
     )
 
 
@@ -390,6 +474,8 @@ def create_model(
         entry = _MODELS.get(name)
         if entry is None and name not in weights.KNOWN_WEIGHTS:
             model_entry(name)  # raises KeyError listing the known types
+        if entry is not None and isinstance(entry.architecture, SameAs):
+            entry.architecture.resolve()  # before any download: raises KeyError when it is missing here
         if entry is not None and not entry.user_facing and not _has_known_weights(name):
             return _random_model(entry).to(target).eval()
         path = weights.resolve_checkpoint(
@@ -400,6 +486,11 @@ def create_model(
         path = Path(os.fspath(checkpoint)).expanduser()
     state = read_state_dict(path)
     detected = detect_model_type(state)
+    if checkpoint is None and detected != _architecture_type(name):
+        raise CheckpointError(
+            f"The {name} weights file {path} holds a {detected} SAM checkpoint, not a {_architecture_type(name)} one; "
+            f"delete it (it is downloaded again) or check the mirror."
+        )
     if checkpoint is not None and requested is not None:
         expected = _architecture_type(canonical_type(requested))
         if expected != detected:

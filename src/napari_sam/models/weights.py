@@ -22,9 +22,10 @@ How a cached file is trusted without re-hashing it:
 How downloads happen:
     With pooch: the file streams into a temporary file in the cache folder, its hash is
     checked, and only then is it moved to its final name. A hash mismatch, a dropped
-    connection or a progress callback that raises leaves nothing behind. Progress goes to
-    a terminal bar (tqdm) and/or to a callback ``(downloaded_bytes, total_bytes)`` that a
-    napari widget turns into napari progress.
+    connection, a progress callback that raises or :func:`cancel_downloads` leaves nothing
+    behind. Progress goes to a terminal bar (tqdm) and/or to a callback
+    ``(downloaded_bytes, total_bytes)``, and to every listener added with
+    :func:`on_download` (the napari model picker shows napari progress and a Cancel button).
 
 Mirrors:
     ``NAPARI_SAM_MIRROR`` (or the ``mirror`` argument) is a base URL; the file is fetched
@@ -33,9 +34,11 @@ Mirrors:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -61,6 +64,10 @@ class HashMismatchError(DownloadError):
     """A weights file does not have its known hash (corrupt transfer or wrong file)."""
 
 
+class DownloadCancelled(DownloadError):
+    """A download was cancelled (:func:`cancel_downloads`); nothing was left in the cache folder."""
+
+
 @dataclass(frozen=True)
 class KnownWeights:
     """One downloadable weights file.
@@ -74,6 +81,11 @@ class KnownWeights:
         description: one line for menus and messages.
         bundled: path of a copy shipped inside the package (loaded offline, never
             downloaded or copied to the cache), or None.
+        size_mb: download size in MB (10**6 bytes), approximate where the publisher does not
+            state it; None: unknown.
+        layout: how the file stores the SAM tensors, one of
+            :data:`napari_sam.models.state_dict.LAYOUTS` ("state_dict" or "torch_em"); the
+            reader accepts either, this says what the publisher's file is expected to hold.
     """
 
     name: str
@@ -83,6 +95,15 @@ class KnownWeights:
     known_hash: str
     description: str = ""
     bundled: Optional[Path] = None
+    size_mb: Optional[float] = None
+    layout: str = "state_dict"
+
+    @property
+    def size_text(self) -> str:
+        """``"358 MB"``, ``"1.2 GB"``, or ``""`` when the size is unknown."""
+        if self.size_mb is None:
+            return ""
+        return f"{self.size_mb / 1000:.1f} GB" if self.size_mb >= 1000 else f"{self.size_mb:.0f} MB"
 
 
 #: Known weights by name, filled by the model registry (:mod:`napari_sam.models.zoo`)
@@ -134,6 +155,86 @@ def known_weights(name_or_type: str) -> KnownWeights:
         f"No known weights for {name_or_type!r}; known: {', '.join(KNOWN_WEIGHTS)}. Pass a checkpoint "
         f"path, or use sam_model_registry[{name_or_type!r}]() for an untrained model."
     )
+
+
+def is_cached(name: str, cache_dir: Optional[PathLike] = None) -> bool:
+    """Whether known weights load without a download: bundled in the package, or their file
+    is in the cache folder (its hash is checked when it is used)."""
+    entry = known_weights(name)
+    if entry.bundled is not None:
+        return entry.bundled.is_file()
+    return (get_cache_dir(cache_dir) / entry.filename).is_file()
+
+
+@dataclass(frozen=True)
+class DownloadEvent:
+    """What :func:`on_download` listeners receive.
+
+    Attributes:
+        name: the weights' name (e.g. ``"vit_b_lm"``).
+        filename: the file being downloaded.
+        done: bytes received so far.
+        total: the server's Content-Length, 0 when unknown.
+        state: ``"started"``, ``"progress"``, or how it ended: ``"finished"``, ``"cancelled"``,
+            ``"failed"``.
+    """
+
+    name: str
+    filename: str
+    done: int
+    total: int
+    state: str
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ("finished", "cancelled", "failed")
+
+
+_LISTENERS: list[Callable[[DownloadEvent], None]] = []
+_LOCK = threading.Lock()
+_ACTIVE: dict[int, int] = {}  # download id -> the cancel generation it started in
+_download_ids = itertools.count()
+_cancel_generation = 0
+
+
+def on_download(callback: Callable[[DownloadEvent], None]) -> Callable[[], None]:
+    """Call ``callback(event)`` for every download's start, progress and end, on the thread
+    that downloads; returns a function that removes it. A listener's exception is logged and
+    ignored."""
+    _LISTENERS.append(callback)
+
+    def disconnect() -> None:
+        if callback in _LISTENERS:
+            _LISTENERS.remove(callback)
+
+    return disconnect
+
+
+def _emit(event: DownloadEvent) -> None:
+    for listener in list(_LISTENERS):
+        try:
+            listener(event)
+        except Exception:  # a display problem must not break (or cancel) the download
+            _logger.warning("A download listener failed on %s", event, exc_info=True)
+
+
+def cancel_downloads() -> int:
+    """Cancel every download running now, at its next chunk (about 1 MiB): it raises
+    :class:`DownloadCancelled` and leaves nothing in the cache folder. Later downloads run.
+
+    Returns:
+        How many downloads were running.
+    """
+    global _cancel_generation
+    with _LOCK:
+        _cancel_generation += 1
+        return len(_ACTIVE)
+
+
+def downloads_running() -> int:
+    """How many downloads are running now (in any thread)."""
+    with _LOCK:
+        return len(_ACTIVE)
 
 
 def get_cache_dir(cache_dir: Optional[PathLike] = None) -> Path:
@@ -217,8 +318,13 @@ class _ProgressRelay:
     bar and/or a callback.
     """
 
-    def __init__(self, description: str, bar: bool, callback: Optional[ProgressCallback]) -> None:
+    def __init__(
+        self, description: str, bar: bool, callback: Optional[ProgressCallback],
+        cancelled: Callable[[], bool] = lambda: False, event: Optional[Callable[[int, int], None]] = None,
+    ) -> None:
         self.total = 0
+        self._cancelled = cancelled
+        self._event = event
         self._description = description
         self._want_bar = bar
         self._bar = None
@@ -227,6 +333,8 @@ class _ProgressRelay:
         self._reported = -1
 
     def update(self, n: int) -> None:
+        if self._cancelled():
+            raise DownloadCancelled(f"The download of {self._description} was cancelled; nothing was kept.")
         self._count += int(n)
         done = min(self._count, self.total) if self.total else self._count
         if done <= self._reported:
@@ -243,6 +351,8 @@ class _ProgressRelay:
         self._reported = done
         if self._callback is not None:
             self._callback(done, self.total)
+        if self._event is not None:
+            self._event(done, self.total)
 
     def reset(self) -> None:
         self._count = 0
@@ -275,7 +385,8 @@ def fetch_weights(
         progress_callback: called as ``callback(downloaded_bytes, total_bytes)`` after each
             received chunk (about 1 MiB) with a non-decreasing byte count; ``total_bytes``
             is the server's Content-Length, 0 when it sends none. Raising in the callback
-            cancels the download and leaves nothing in the cache.
+            cancels the download and leaves nothing in the cache; so does
+            :func:`cancel_downloads` (from any thread).
         timeout: seconds to wait for the server to connect or send data.
 
     Returns:
@@ -288,6 +399,7 @@ def fetch_weights(
         DownloadError: offline, server down, HTTP error, or transfer cut off; the message
             names the URL, the file name and the folder where a hand-downloaded copy is
             picked up.
+        DownloadCancelled: :func:`cancel_downloads` was called during the download.
     """
     entry = known_weights(name)
     if entry.bundled is not None:
@@ -308,12 +420,21 @@ def fetch_weights(
     import requests
 
     url = download_url(entry, mirror)
-    relay = _ProgressRelay(entry.filename, progressbar, progress_callback)
-    use_relay = progressbar or progress_callback is not None
-    downloader = pooch.HTTPDownloader(
-        progressbar=relay if use_relay else False, chunk_size=_CHUNK_BYTES, timeout=timeout
+    with _LOCK:
+        download_id = next(_download_ids)
+        _ACTIVE[download_id] = generation = _cancel_generation
+
+    def event(done: int, total: int, state: str = "progress") -> None:
+        _emit(DownloadEvent(entry.name, entry.filename, done, total, state))
+
+    relay = _ProgressRelay(
+        entry.filename, progressbar, progress_callback, lambda: _cancel_generation != generation, event
     )
+    # The relay always drives pooch (without a bar or callback it only checks for cancellation).
+    downloader = pooch.HTTPDownloader(progressbar=relay, chunk_size=_CHUNK_BYTES, timeout=timeout)
     _logger.info("Downloading %s weights from %s to %s", entry.name, url, folder)
+    state = "failed"
+    event(0, 0, "started")
     try:
         pooch.retrieve(url, known_hash=entry.known_hash, fname=entry.filename, path=folder, downloader=downloader)
     except ValueError as error:  # pooch's hash check; the temporary file is already deleted
@@ -330,8 +451,16 @@ def fetch_weights(
             f"Or set {MIRROR_ENV} to a base URL that serves {entry.filename}, or {CACHE_DIR_ENV} to "
             f"another folder."
         ) from error
+    except DownloadCancelled:
+        state = "cancelled"
+        raise
+    else:
+        state = "finished"
     finally:
         relay.close()
+        with _LOCK:
+            _ACTIVE.pop(download_id, None)
+        event(relay._count, relay.total, state)
     _mark_verified(path, entry.known_hash)
     return path
 
@@ -377,16 +506,22 @@ def resolve_checkpoint(
 
 __all__ = [
     "CACHE_DIR_ENV",
+    "DownloadCancelled",
     "DownloadError",
+    "DownloadEvent",
     "HashMismatchError",
     "KNOWN_WEIGHTS",
     "KnownWeights",
     "MIRROR_ENV",
     "WEIGHTS_ALIASES",
+    "cancel_downloads",
     "download_url",
+    "downloads_running",
     "fetch_weights",
     "get_cache_dir",
+    "is_cached",
     "known_weights",
+    "on_download",
     "register_weights",
     "resolve_checkpoint",
 ]
