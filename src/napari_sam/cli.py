@@ -106,6 +106,19 @@ def _setting_type(setting: Any) -> Any:
     return parse
 
 
+def _model_type_help() -> str:
+    """The user-facing model types by menu group, e.g. ``"General SAM: vit_b, vit_l, vit_h
+    (alias default); Light microscopy: vit_b_lm, ..."``."""
+    from .models.registry import group_of, menu_types, model_entry, model_types
+
+    groups: dict[str, list[str]] = {}
+    for name in menu_types():
+        groups.setdefault(group_of(model_entry(name)), []).append(name)
+    aliases = [a for a in model_types(user_facing=True, aliases=True) if a not in model_types(user_facing=True)]
+    text = "; ".join(f"{group}: {', '.join(names)}" for group, names in groups.items())
+    return text + (f" (aliases: {', '.join(aliases)})" if aliases else "")
+
+
 def build_parser(settings_class: Optional[type] = None) -> argparse.ArgumentParser:
     """The argument parser (built on demand, never at import time).
 
@@ -117,7 +130,6 @@ def build_parser(settings_class: Optional[type] = None) -> argparse.ArgumentPars
         The parser.
     """
     from .amg_settings import AmgSettings
-    from .models import model_types
 
     settings_class = settings_class or AmgSettings
     parser = argparse.ArgumentParser(
@@ -133,9 +145,9 @@ def build_parser(settings_class: Optional[type] = None) -> argparse.ArgumentPars
     parser.add_argument("--output", required=True, help="Folder for the results (created if needed).")
     parser.add_argument(
         "--model-type", default=None,
-        help=f"One of {', '.join(model_types(user_facing=True, aliases=True))}; detected from --checkpoint if "
-        "omitted; without both: the best model whose weights are available offline (cached official weights, "
-        "else the bundled small model).",
+        help=f"One of: {_model_type_help()}; detected from --checkpoint if omitted; without both: the best model "
+        "whose weights are available offline (cached official weights, else the bundled small model). Weights "
+        "not yet downloaded are downloaded once (sizes and licences: docs/plugin.md, 'Choosing a model').",
     )
     parser.add_argument("--checkpoint", default=None, help="Path to the SAM checkpoint (.pth).")
     parser.add_argument("--device", default=None,
