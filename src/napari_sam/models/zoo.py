@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .registry import ModelEntry, SameAs, register_model
 from .sam_vit import SamConfig
+from .tiny_vit_sam import TinyViTSamConfig
 from .weights import KnownWeights
 
 _OFFICIAL = "https://dl.fbaipublicfiles.com/segment_anything/"
@@ -69,6 +70,17 @@ register_model(ModelEntry(
     "vit_h", VIT_H, "SAM ViT-H (official weights, 2.4 GB)",
     weights=_official("vit_h", "sam_vit_h_4b8939.pth", "97698fac30bd929c2e6d8d8cc15933c2", "2.4 GB"), auto_rank=2,
     aliases=("default",), group="General SAM",
+))
+# MobileSAM (Zhang et al. 2023): a TinyViT image encoder distilled from SAM's, SAM's prompt
+# encoder and mask decoder; Apache-2.0. The file is the one micro-sam downloads for vit_t.
+register_model(ModelEntry(
+    "vit_t", TinyViTSamConfig(), "MobileSAM ViT-T (TinyViT encoder, 40 MB, fast on CPU)",
+    weights=KnownWeights(
+        "vit_t", "vit_t", "mobile_sam.pt", "https://owncloud.gwdg.de/index.php/s/TuDzuwVDHd1ZDnQ/download",
+        "xxh128:8eadbc88aeb9d8c7e0b4b60c3db48bd0", "MobileSAM ViT-T, TinyViT encoder (40 MB, Apache-2.0)",
+        size_mb=40,
+    ),
+    auto_rank=3, group="General SAM",
 ))
 register_model(ModelEntry("vit_test", VIT_TEST, "tiny random-weight SAM for tests", user_facing=False))
 
