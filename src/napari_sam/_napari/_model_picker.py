@@ -144,8 +144,10 @@ class ModelPicker:
         self._updating = True
         try:
             value = self._model.value
-            self._model.choices = self._choices()
-            self._model.value = value
+            choices = self._choices()
+            self._model.choices = choices
+            if value in [v for _, v in choices]:  # a type unregistered since (tests) is not kept
+                self._model.value = value
         finally:
             self._updating = False
 
