@@ -12,13 +12,13 @@ import socket
 import numpy as np
 import pooch
 import pytest
-import torch
 from skimage.draw import ellipse
 
 from napari_sam import SamPredictor, checkpoints
 from napari_sam.build import MODEL_CONFIGS, detect_model_type, read_state_dict
 from napari_sam.checkpoints import CACHE_DIR_ENV, MIRROR_ENV, SMALL_MODEL_FILE, build_sam, default_model_type
 from napari_sam.cli import main as main_amg
+from napari_sam.training.checkpointing import read_training_progress
 from napari_sam.training.evaluation import coins_ground_truth
 
 
@@ -125,7 +125,7 @@ def test_training_script_scale_and_until_run_shortened_phases_and_never_install(
     # 1600 and 750 steps scaled by 0.002, rounded; phase 3 never starts
     assert "phase1: 3 steps" in out and "phase2: 2 steps" in out and "phase3" not in out
     assert (tmp_path / "tiny" / "phase2" / "model.pth").is_file()
-    saved = torch.load(tmp_path / "tiny" / "phase2" / "training_state.pt", weights_only=False)["config"]
+    saved = read_training_progress(tmp_path / "tiny" / "phase2" / "training_state.pt")["config"]
     assert saved["lr"] == pytest.approx(0.5 * script.PHASES[1][1].lr) and saved["corrective_fraction"] == 0.5
     assert saved["images_per_step"] == 2 and saved["objects_per_image"] == 3
     assert not (tmp_path / "tiny" / "phase3").exists()

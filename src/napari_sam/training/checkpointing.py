@@ -61,6 +61,39 @@ def _json_value(value: Any) -> Any:
     raise TypeError(f"Cannot store {type(value).__name__} {value!r} in the training state.")
 
 
+def _read_state(path: Path, map_location: Any = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the state dicts, the progress: step, history, config) of a training state file.
+
+    Raises:
+        ValueError: see :func:`load_training_state`.
+    """
+    try:
+        saved = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} is not a napari-sam training state that can be loaded safely (it holds pickled objects, "
+            f"which are never run): {error}"
+        ) from error
+    if not isinstance(saved, dict) or "model" not in saved or "optimizer" not in saved:
+        raise ValueError(f"{path} is not a napari-sam training state (expected model and optimizer state dicts).")
+    # PROGRESS_KEY: JSON since this format; older files kept the same values as plain entries.
+    progress = json.loads(saved[PROGRESS_KEY]) if PROGRESS_KEY in saved else saved
+    return saved, {"step": int(progress["step"]), "history": list(progress["history"]),
+                   "config": dict(progress.get("config", {}))}
+
+
+def read_training_progress(path: Path) -> dict[str, Any]:
+    """The progress recorded in a training state file, without loading it into a model.
+
+    Returns:
+        ``{"step": steps done, "history": logged records, "config": the run's settings as a dict}``.
+
+    Raises:
+        ValueError: see :func:`load_training_state`.
+    """
+    return _read_state(path)[1]
+
+
 def load_training_state(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 ) -> tuple[TrainState, dict[str, Any]]:
@@ -74,20 +107,10 @@ def load_training_state(
             (``torch.load(weights_only=True)`` refuses them: nothing in it is run), or is not
             a training state.
     """
-    try:
-        saved = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path} is not a napari-sam training state that can be loaded safely (it holds pickled objects, "
-            f"which are never run): {error}"
-        ) from error
-    if not isinstance(saved, dict) or "model" not in saved or "optimizer" not in saved:
-        raise ValueError(f"{path} is not a napari-sam training state (expected model and optimizer state dicts).")
-    # PROGRESS_KEY: JSON since this format; older files kept the same values as plain entries.
-    progress = json.loads(saved[PROGRESS_KEY]) if PROGRESS_KEY in saved else saved
+    saved, progress = _read_state(path, next(model.parameters()).device)
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    return TrainState(int(progress["step"]), list(progress["history"])), dict(progress.get("config", {}))
+    return TrainState(progress["step"], progress["history"]), progress["config"]
 
 
 def append_history(path: Path, record: dict[str, Any]) -> None:

@@ -56,7 +56,7 @@ def init_from_scratch(
     if encoder.pos_embed is not None:
         torch.nn.init.trunc_normal_(encoder.pos_embed, std=0.02)
     for block in encoder.blocks:
-        if getattr(block.attn, "use_rel_pos", False):
+        if getattr(getattr(block, "attn", None), "use_rel_pos", False):
             torch.nn.init.zeros_(block.attn.rel_pos_h)
             torch.nn.init.zeros_(block.attn.rel_pos_w)
     matrix = model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
