@@ -87,6 +87,23 @@ FAILURE_HELP = (
     "are removed by the next run into the same --output."
 )
 
+EXISTING_HELP = (
+    "Existing outputs: outputs are renamed into place whole, so one that exists is complete. In one "
+    "process (no --workers/--scheduler) an existing output is refused (exit status 2) unless "
+    "--overwrite (redo it) or --skip-existing (keep it, do not compute it). A batch run on dask "
+    "(--workers or --scheduler) skips complete outputs by default, so a killed or interrupted run "
+    "resumes where it stopped; --overwrite redoes them. Skipped files are counted in the summary."
+)
+BATCH_HELP = (
+    "Batch runs (pip install 'napari-sam[distributed]'): --workers N starts a local dask cluster of N "
+    "worker processes, each with one model and --threads torch threads (default: cores // N), memory "
+    "bounded by --memory-limit; --scheduler ADDRESS uses a running dask cluster (workers need this "
+    "package, the inputs, the checkpoint and --output at the same paths). Each worker loads the model "
+    "once; a killed worker's files are redone elsewhere; the run ends with a summary (done, skipped, "
+    "failed with reason). See docs/batch.md."
+)
+
+
 class CliError(Exception):
     """A problem with the arguments or outputs, reported before any work (exit status 2)."""
 
@@ -104,6 +121,13 @@ def _setting_type(setting: Any) -> Any:
 
     parse.__name__ = setting.type.__name__  # argparse names the type in "invalid int value" errors
     return parse
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _model_type_help() -> str:
@@ -138,7 +162,10 @@ def build_parser(settings_class: Optional[type] = None) -> argparse.ArgumentPars
             "Run Segment Anything's automatic mask generator on an image or on every file of a folder, "
             "writing one PNG per mask plus metadata.csv (or one COCO-RLE JSON file with --convert-to-rle)."
         ),
-        epilog="\n\n".join(textwrap.fill(text, 100, break_on_hyphens=False) for text in (NAMING_HELP, FORMAT_HELP, FAILURE_HELP)),
+        epilog="\n\n".join(
+            textwrap.fill(text, 100, break_on_hyphens=False)
+            for text in (NAMING_HELP, FORMAT_HELP, FAILURE_HELP, EXISTING_HELP, BATCH_HELP)
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--input", required=True, help="An image file or a folder of images.")
@@ -165,6 +192,26 @@ def build_parser(settings_class: Optional[type] = None) -> argparse.ArgumentPars
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="fp32 (the reference's results), bf16 (faster, CPU or GPU) or fp16 (GPU).")
     parser.add_argument("--overwrite", action="store_true", help="Replace outputs that already exist.")
+    parser.add_argument(
+        "--skip-existing", action="store_true",
+        help="Keep outputs that already exist (complete) and do not compute them (default with --workers/--scheduler).",
+    )
+    batch = parser.add_argument_group("batch runs on dask.distributed (see below and docs/batch.md)")
+    where = batch.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                       help="Start a local dask cluster of N worker processes (default: one process, no dask).")
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="Run on an existing dask cluster, e.g. tcp://10.0.0.5:8786.")
+    batch.add_argument(
+        "--threads", type=_positive_int, default=None, metavar="T",
+        help="torch threads per process (one process: torch's default; --workers N: cores // N; "
+        "--scheduler: the workers' default, 1 under a dask nanny).",
+    )
+    batch.add_argument(
+        "--memory-limit", default="auto", metavar="BYTES",
+        help="Memory limit of each local worker, e.g. 4GiB (default auto: the machine's memory / N); a worker "
+        "above it is restarted by dask and its file redone elsewhere.",
+    )
     group = parser.add_argument_group(
         "AMG settings (default: the reference's defaults; for vit_small, "
         "its own lower --pred-iou-thresh, --stability-score-thresh and --box-nms-thresh)"
@@ -242,9 +289,12 @@ class Job:
 
 
 def plan_jobs(
-    targets: Sequence[Path], output: Path, fmt: Optional[str]
+    targets: Sequence[Path], output: Path, fmt: Optional[str], reasons: Optional[dict[str, str]] = None
 ) -> tuple[list[Job], list[str], list[str]]:
     """Read every target's header and decide its outputs (``fmt`` None: PNG folders).
+
+    Args:
+        reasons: when given, filled with failed file name -> the read error's message.
 
     Returns:
         (jobs, failed file names, skipped file names); failures and skips are printed.
@@ -259,6 +309,8 @@ def plan_jobs(
             if target.suffix.lower() in IMAGE_SUFFIXES or is_tiff(target) or len(targets) == 1:
                 print(f"napari-sam-amg: {error}", file=sys.stderr)
                 failed.append(target.name)
+                if reasons is not None:
+                    reasons[target.name] = str(error)
             else:
                 print(f"Skipping {target.name!r}: not an image ({error.reason}).", file=sys.stderr)
                 skipped.append(target.name)
@@ -273,8 +325,9 @@ def plan_jobs(
     return jobs, failed, skipped
 
 
-def check_destinations(jobs: Sequence[Job], overwrite: bool) -> None:
-    """Refuse two inputs writing one output, and outputs that exist unless ``overwrite``.
+def check_destinations(jobs: Sequence[Job], overwrite: bool, skip_existing: bool = False) -> None:
+    """Refuse two inputs writing one output, and outputs that exist unless ``overwrite`` or
+    ``skip_existing`` (then existing outputs are complete ones, left alone: see :data:`EXISTING_HELP`).
 
     Raises:
         CliError: with every clash or existing output named.
@@ -290,8 +343,10 @@ def check_destinations(jobs: Sequence[Job], overwrite: bool) -> None:
                 )
             owner[destination] = job.target
     existing = [str(d) for d in owner if d.exists() or d.is_symlink()]
-    if existing and not overwrite:
-        raise CliError("Output already exists (use --overwrite to replace): " + ", ".join(existing))
+    if existing and not overwrite and not skip_existing:
+        raise CliError(
+            "Output already exists (use --overwrite to replace, or --skip-existing to keep it): " + ", ".join(existing)
+        )
 
 
 def check_output_folder(output: Path) -> None:
@@ -410,11 +465,13 @@ def save_atomically(records: Any, destination: Path, rle: bool, overwrite: bool)
         write_masks_to_folder(records, folder)
 
 
-def _generate_with_progress(generator, image, name: str) -> list[dict[str, Any]]:
+def _generate_with_progress(generator, image, name: str, progress: bool = True) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     from .utils.progress import drain
 
+    if not progress:
+        return drain(generator.generate_iter(image))
     with tqdm(desc=name, unit="batch", leave=False, file=sys.stderr) as bar:
         def advance(progress: Any) -> None:
             bar.total = progress.total
@@ -423,8 +480,58 @@ def _generate_with_progress(generator, image, name: str) -> list[dict[str, Any]]
         return drain(generator.generate_iter(image), advance)
 
 
-def run_job(job: Job, generator: Any, fmt: Optional[str], overwrite: bool) -> int:
-    """Segment every plane of one file and write its outputs; returns the number of masks.
+EXISTING = ("refuse", "overwrite", "skip")
+
+
+def is_complete(job: Job) -> bool:
+    """Whether every output of ``job`` exists (outputs are renamed into place whole, so an existing
+    output is a complete one)."""
+    return all(d.exists() for d in job.destinations.values())
+
+
+@dataclass
+class ItemResult:
+    """What :func:`process_job` did with one input file.
+
+    Attributes:
+        name: the input file's name.
+        status: ``"done"``, ``"skipped"`` (every output already complete) or ``"failed"``.
+        masks: masks written.
+        reason: why it failed (``"ImageReadError: could not read ..."``), or None.
+        written: the outputs written.
+        kept: the outputs that existed and were kept (``existing="skip"``).
+    """
+
+    name: str
+    status: str
+    masks: int = 0
+    reason: Optional[str] = None
+    written: list = None  # type: ignore[assignment]
+    kept: list = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.written = list(self.written or [])
+        self.kept = list(self.kept or [])
+
+
+def process_job(
+    job: Job, generator: Any, fmt: Optional[str], existing: str = "refuse", *,
+    progress: bool = True, log: Any = print,
+) -> ItemResult:
+    """Segment every plane of one input file and write its outputs atomically: the one per-item
+    code path of ``napari-sam-amg``, in one process and on dask workers (:mod:`napari_sam.batch`).
+
+    Args:
+        job: the file, its planes and their destinations (:func:`plan_jobs`).
+        generator: a :class:`~napari_sam.automatic_mask_generator.SamAutomaticMaskGenerator`.
+        fmt: None (PNG folders) or one of :data:`COCO_FORMATS`.
+        existing: what to do with an output that exists: ``"refuse"`` (FileExistsError),
+            ``"overwrite"`` or ``"skip"`` (keep it: it is complete, and its plane is not computed).
+        progress: show a progress bar per plane (stderr).
+        log: called with a line per output written.
+
+    Returns:
+        The :class:`ItemResult` (status ``"done"`` or ``"skipped"``).
 
     Raises:
         ImageReadError: the pixels cannot be read.
@@ -432,21 +539,73 @@ def run_job(job: Job, generator: Any, fmt: Optional[str], overwrite: bool) -> in
     """
     from .utils.imread import read_planes
 
-    total = 0
+    if existing not in EXISTING:
+        raise ValueError(f"existing must be one of {EXISTING}, not {existing!r}")
+    result = ItemResult(job.target.name, "done")
+    if existing == "skip" and is_complete(job):
+        result.status = "skipped"
+        result.kept = list(job.destinations.values())
+        return result
+    overwrite = existing == "overwrite"
     collected = []
     for index, plane in read_planes(job.layout):
+        destination = job.destinations.get(index)
+        if existing == "skip" and destination is not None and destination.exists():
+            result.kept.append(destination)  # a plane finished by an earlier (killed) attempt
+            continue
         name = job.target.name + job.layout.suffix(index)
-        records = _generate_with_progress(generator, plane, name)
-        total += len(records)
+        records = _generate_with_progress(generator, plane, name, progress)
+        result.masks += len(records)
         if None in job.destinations:
             collected.append((index, records))
             continue
-        save_atomically(records, job.destinations[index], fmt is not None, overwrite)
-        print(f"  {len(records)} masks -> {job.destinations[index]}")
+        save_atomically(records, destination, fmt is not None, overwrite)
+        result.written.append(destination)
+        log(f"  {len(records)} masks -> {destination}")
     if None in job.destinations:
         save_atomically(coco_payload(job, collected, fmt), job.destinations[None], True, overwrite)
-        print(f"  {total} masks -> {job.destinations[None]}")
-    return total
+        result.written.append(job.destinations[None])
+        log(f"  {result.masks} masks -> {job.destinations[None]}")
+    return result
+
+
+def run_job(job: Job, generator: Any, fmt: Optional[str], overwrite: bool) -> int:
+    """Segment every plane of one file and write its outputs; returns the number of masks
+    (:func:`process_job` with ``existing`` "overwrite" or "refuse").
+
+    Raises:
+        ImageReadError: the pixels cannot be read.
+        Exception: whatever the generator or the writing raises (the caller reports it).
+    """
+    return process_job(job, generator, fmt, "overwrite" if overwrite else "refuse").masks
+
+
+def load_generator(model_type: str, checkpoint: str, device: Optional[str], settings: Any, precision: str) -> Any:
+    """The automatic mask generator of a model choice (the model built on ``device``)."""
+    from .automatic_mask_generator import SamAutomaticMaskGenerator
+    from .models import build_model, resolve_device
+
+    sam = build_model(model_type, checkpoint).to(device=resolve_device(device))
+    return SamAutomaticMaskGenerator(sam, settings=settings, precision=precision)
+
+
+def failure_reason(error: BaseException) -> str:
+    """How a failed item is listed: the read error's message, else ``<Type>: <message>``."""
+    from .utils.imread import ImageReadError
+
+    return str(error) if isinstance(error, ImageReadError) else f"{type(error).__name__}: {error}"
+
+
+def distributed_missing() -> Optional[str]:
+    """None when ``dask.distributed`` can be imported, else the message that says how to install it."""
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        return (
+            "--workers and --scheduler need dask.distributed: pip install 'napari-sam[distributed]' "
+            "(or run without them, in one process)."
+        )
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -460,12 +619,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.overwrite and args.skip_existing:
+        parser.error("--overwrite and --skip-existing exclude each other")
+    distributed = args.workers is not None or args.scheduler is not None
+    if distributed and (missing := distributed_missing()):
+        print(f"napari-sam-amg: error: {missing}", file=sys.stderr)
+        return 2
+    skip_existing = args.skip_existing or (distributed and not args.overwrite)
+    existing = "overwrite" if args.overwrite else "skip" if skip_existing else "refuse"
     fmt = args.coco_format or ("reference" if args.convert_to_rle else None)
     output = Path(args.output)
     try:
         targets = list_targets(Path(args.input))
-        jobs, failed, skipped = plan_jobs(targets, output, fmt)
-        check_destinations(jobs, args.overwrite)
+        reasons: dict[str, str] = {}
+        jobs, failed, skipped = plan_jobs(targets, output, fmt, reasons)
+        check_destinations(jobs, args.overwrite, skip_existing)
         check_output_folder(output)
         model_type, checkpoint = resolve_checkpoint(args.model_type, args.checkpoint)
         for stale in prepare_output_folder(output):
@@ -475,13 +643,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
     from .amg_settings import AmgSettings
-    from .automatic_mask_generator import SamAutomaticMaskGenerator
-    from .models import build_model, resolve_device
 
     try:
-        device = resolve_device(args.device)
-        print(f"Loading model {model_type} from {checkpoint} on {device}...")
-        sam = build_model(model_type, checkpoint).to(device=device)
         given = {f.name: getattr(args, f.name) for f in AmgSettings.tunable_fields() if getattr(args, f.name) is not None}
         model_thresholds = {k: v for k, v in AmgSettings.model_overrides(model_type).items() if k not in given}
         if model_thresholds:
@@ -489,17 +652,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   + " (the reference's defaults keep no mask of this model; flags override).")
         mode = "coco_rle" if fmt is not None else "binary_mask"
         settings = AmgSettings.for_model(model_type, output_mode=mode, **given)
-        generator = SamAutomaticMaskGenerator(sam, settings=settings, precision=args.precision)
+    except Exception as error:
+        print(f"napari-sam-amg: error: {error}", file=sys.stderr)
+        return 2
+
+    if distributed:
+        from . import batch
+
+        model = batch.ModelChoice(model_type, checkpoint, args.precision, args.device, args.threads)
+        return batch.main_distributed(
+            jobs, reasons, skipped, model, settings, fmt, existing,
+            workers=args.workers, scheduler=args.scheduler, memory_limit=args.memory_limit,
+        )
+
+    try:
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        from .models import resolve_device
+
+        device = resolve_device(args.device)
+        print(f"Loading model {model_type} from {checkpoint} on {device}...")
+        generator = load_generator(model_type, checkpoint, device, settings, args.precision)
     except Exception as error:  # bad checkpoint, device or settings: nothing can run
         print(f"napari-sam-amg: error: {error}", file=sys.stderr)
         return 2
 
     from .utils.imread import ImageReadError
 
+    kept = []
     for job in jobs:
+        if existing == "skip" and is_complete(job):
+            kept.append(job.target.name)
+            continue
         print(f"Processing {job.target.name!r} ({job.layout.describe()})...")
         try:
-            run_job(job, generator, fmt, args.overwrite)
+            process_job(job, generator, fmt, existing)
         except KeyboardInterrupt:
             raise
         except ImageReadError as error:
@@ -511,6 +700,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 file=sys.stderr,
             )
             failed.append(job.target.name)
+    if kept:
+        print(f"Skipped {len(kept)} file(s) whose outputs are complete: {', '.join(kept)}")
     if skipped:
         print(f"Skipped {len(skipped)} file(s) that are not images: {', '.join(skipped)}", file=sys.stderr)
     if failed:
@@ -518,6 +709,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     print("Done!")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
