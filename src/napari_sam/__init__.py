@@ -44,6 +44,8 @@ _EXPORTS = {
     "AmgSettings": "napari_sam.amg_settings",
     "to_rgb_uint8": "napari_sam.utils.image",
     "segment": "napari_sam._napari.api",
+    "segment_volume": "napari_sam.volume",
+    "segment_volume_automatic": "napari_sam.volume",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
