@@ -503,7 +503,7 @@ class LinkSettings:
             dropped before linking (the background; default 0.5).
         fragment_fraction: a mask left unmatched that lies at least this fraction inside the
             previous mask of an object continued on the slice is joined to that object there
-            (SAM split the object in two; default 0.5).
+            (SAM gave a piece of the object as well as the whole; default 0.5).
     """
 
     min_iou: float = 0.3
@@ -529,17 +529,18 @@ def link_slices(
 ) -> tuple[np.ndarray, dict[str, list]]:
     """Link per-slice masks into 3-D objects.
 
-    Rule: slices are visited in order. The masks of a slice are first made disjoint
-    (:func:`~napari_sam.utils.labels.paint_masks`: where they overlap the smaller stays). Each
-    open object (seen on one of the last ``max_gap + 1`` slices) is compared with every mask
-    of the slice by IoU with its last mask; :func:`scipy.optimize.linear_sum_assignment`
-    maximises the total IoU (a gap of g slices costs g * 0.01, so the most recent wins ties);
-    pairs with IoU >= ``min_iou`` continue their object; an unmatched mask lying mostly
-    (``fragment_fraction``) inside the previous mask of an object continued on this slice is
-    joined to it (an over-segmented piece); other masks start new objects. The slices of a gap
-    are filled with the intersection of the masks on both sides.
+    Rule: slices are visited in order. Masks covering more than ``max_area_fraction`` of the
+    slice are dropped. Each open object (seen on one of the last ``max_gap + 1`` slices) is
+    compared with every mask of the slice by IoU with its last mask;
+    :func:`scipy.optimize.linear_sum_assignment` maximises the total IoU (a gap of g slices
+    costs g * 0.01, so the most recent object wins ties); pairs with IoU >= ``min_iou``
+    continue their object. A mask left unmatched that lies mostly (``fragment_fraction`` of
+    its pixels) inside a mask matched on this slice, or inside that object's previous mask, is
+    joined to that object (SAM gave a piece of it as well as the whole); other masks start new
+    objects. The slices of a gap are filled with the intersection of the masks on both sides.
     Objects spanning fewer than ``min_extent`` slices are dropped; ids are 1..K in the order
-    of their first slice.
+    of their first slice. Each slice is then painted with
+    :func:`~napari_sam.utils.labels.paint_masks` (where objects overlap the smaller stays).
 
     Args:
         slices: per slice, (HxW bool mask, predicted IoU) pairs.
@@ -552,60 +553,54 @@ def link_slices(
     from scipy.optimize import linear_sum_assignment
 
     settings = settings or LinkSettings()
+    limit = settings.max_area_fraction * shape[0] * shape[1]
     tracks: list[_Track] = []
     for z, records in enumerate(slices):
-        records = [(np.asarray(m, dtype=bool), s) for m, s in records]
-        limit = settings.max_area_fraction * shape[0] * shape[1]
-        records = [(m, s) for m, s in records if 0 < m.sum() <= limit]
-        painted = paint_masks([m for m, _ in records], shape, dtype=np.int32)
-        segments = [(painted == i + 1, s) for i, (_, s) in enumerate(records)]
-        segments = [(m, s) for m, s in segments if m.any()]
+        segments = [(np.asarray(m, dtype=bool), float(s)) for m, s in records]
+        segments = [(m, s) for m, s in segments if 0 < m.sum() <= limit]
         open_tracks = [t for t in tracks if z - t.last_slice <= settings.max_gap + 1]
-        matched: set[int] = set()
-        continued: dict[_Track, np.ndarray] = {}  # object continued on this slice -> its previous mask
+        matched: dict[int, _Track] = {}
+        previous: dict[int, np.ndarray] = {}  # matched segment -> its object's previous mask
         if open_tracks and segments:
-            cost = np.zeros((len(open_tracks), len(segments)))
-            ious = np.zeros_like(cost)
-            for i, track in enumerate(open_tracks):
-                for j, (mask, _) in enumerate(segments):
-                    ious[i, j] = iou(track.last_mask, mask)
-                    cost[i, j] = -ious[i, j] + 0.01 * (z - track.last_slice - 1)
-            rows, cols = linear_sum_assignment(cost)
+            ious = np.array([[iou(t.last_mask, m) for m, _ in segments] for t in open_tracks])
+            gaps = np.array([[z - t.last_slice - 1] * len(segments) for t in open_tracks])
+            rows, cols = linear_sum_assignment(-ious + 0.01 * gaps)
             for i, j in zip(rows, cols):
                 if ious[i, j] >= settings.min_iou:
                     track = open_tracks[i]
-                    continued[track] = track.last_mask
                     mask, score = segments[j]
-                    gap = z - track.last_slice - 1
-                    if gap:
-                        fill = np.logical_and(track.last_mask, mask)
-                        for k in range(track.last_slice + 1, z):
-                            track.slices[k] = fill
+                    previous[j] = track.last_mask
+                    for k in range(track.last_slice + 1, z):
+                        track.slices[k] = np.logical_and(track.last_mask, mask)
                     track.slices[z] = mask
-                    track.scores.append(float(score))
+                    track.scores.append(score)
                     track.last_slice, track.last_mask = z, mask
-                    matched.add(j)
+                    matched[j] = track
+        hosts = list(matched)
         for j, (mask, score) in enumerate(segments):
             if j in matched:
                 continue
-            # A fragment: mostly inside the previous mask of an object continued on this slice.
             area = mask.sum()
-            host = max(continued, key=lambda t: np.logical_and(continued[t], mask).sum(), default=None)
-            if host is not None and np.logical_and(continued[host], mask).sum() >= settings.fragment_fraction * area:
-                host.slices[z] = host.slices[z] | mask
-                host.last_mask = host.slices[z]
+            inside = [(max(np.logical_and(segments[h][0], mask).sum(), np.logical_and(previous[h], mask).sum()), h)
+                      for h in hosts]
+            best = max(inside, default=(0, -1))
+            if best[0] >= settings.fragment_fraction * area:
+                track = matched[best[1]]
+                track.slices[z] = track.slices[z] | mask
+                track.last_mask = track.slices[z]
                 continue
-            tracks.append(_Track(0, z, mask, {z: mask}, [float(score)]))
+            tracks.append(_Track(0, z, mask, {z: mask}, [score]))
+    kept = sorted((t for t in tracks if max(t.slices) - min(t.slices) + 1 >= settings.min_extent),
+                  key=lambda t: min(t.slices))
     labels = np.zeros((len(slices), *shape), dtype=np.uint32)
+    for z in range(len(slices)):
+        present = [(label, t.slices[z]) for label, t in enumerate(kept, start=1) if z in t.slices]
+        if present:
+            labels[z] = paint_masks([m for _, m in present], shape, [label for label, _ in present], dtype=np.uint32)
     table: dict[str, list] = {name: [] for name in OBJECT_COLUMNS}
-    kept = [t for t in tracks if max(t.slices) - min(t.slices) + 1 >= settings.min_extent]
-    for label, track in enumerate(sorted(kept, key=lambda t: min(t.slices)), start=1):
-        voxels = 0
-        for k, mask in track.slices.items():
-            free = mask & (labels[k] == 0)
-            labels[k][free] = label
-            voxels += int(free.sum())
-        row = (label, min(track.slices), max(track.slices), len(track.slices), voxels,
+    voxels = np.bincount(labels.reshape(-1), minlength=len(kept) + 1)
+    for label, track in enumerate(kept, start=1):
+        row = (label, min(track.slices), max(track.slices), len(track.slices), int(voxels[label]),
                float(np.mean(track.scores)))
         for name, value in zip(OBJECT_COLUMNS, row):
             table[name].append(value)
