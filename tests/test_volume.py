@@ -174,8 +174,44 @@ def test_one_contrast_mapping_for_the_whole_volume():
     assert V.volume_to_rgb(volume)(0).max() < V.volume_to_rgb(volume)(1).max()
 
 
-def test_rgb_volume_and_axis_shapes():
-    array, rgb, n = V._check_volume(np.zeros((5, 16, 20, 3), np.uint8), 0)
-    assert rgb and n == 5 and array.shape == (5, 16, 20, 3)
-    array, rgb, n = V._check_volume(np.zeros((16, 20, 5)), 2)
-    assert not rgb and n == 5 and array.shape == (5, 16, 20)
+def test_volume_slices_shapes_and_errors():
+    slices = V.VolumeSlices(np.zeros((5, 16, 20, 3), np.uint8), 0)
+    assert slices.rgb and len(slices) == 5 and slices.plane_shape == (16, 20) and slices.plane(2).shape == (16, 20, 3)
+    slices = V.VolumeSlices(np.zeros((16, 20, 5)), 2)
+    assert not slices.rgb and len(slices) == 5 and slices.plane_shape == (16, 20)
+    assert slices.stack(np.zeros((5, 16, 20))).shape == (16, 20, 5)
+    with pytest.raises(ValueError, match="axis 3"):
+        V.VolumeSlices(np.zeros((4, 8, 8)), 3)
+
+
+class LazyArray:
+    """An array-like read slice by slice (as dask or zarr data of a napari layer); counts reads."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.reads = array, array.shape, array.dtype, 0
+
+    def __getitem__(self, key):
+        self.reads += 1
+        return self.array[key]
+
+
+def test_engine_path_uses_its_cache_and_any_axis(data, predictor):
+    """The plugin's path: a SamEngine (model, cache, lock), a lazy array, the mask as anchor, axis 2."""
+    from napari_sam.interactive.engine import SamEngine
+
+    volume, labels = data
+    sub, truth = volume[1:13], labels[1:13] == 3  # object 3 ends mid-stack (true slices 2..10 here)
+    engine = SamEngine(model=predictor.model)
+    limits = V.volume_contrast_limits(volume)
+    kwargs = dict(mask=truth[6], engine=engine, cache_key=lambda i: ("sub", i), contrast_limits=limits)
+    lazy = LazyArray(sub)
+    mask = drain(V.segment_volume_steps(lazy, 6, **kwargs))
+    assert lazy.reads < 2 * len(sub)  # read slice by slice, never as a whole
+    assert V.iou(mask, truth) >= 0.8
+    computed = engine.embeddings_computed
+    assert computed == len(engine.cache) >= 8
+    moved = LazyArray(np.moveaxis(sub, 0, 2))
+    again = drain(V.segment_volume_steps(moved, 6, axis=2, **kwargs))
+    assert engine.embeddings_computed == computed  # every slice came from the cache
+    np.testing.assert_array_equal(np.moveaxis(again, 2, 0), mask)
+    assert not engine.lock._is_owned()

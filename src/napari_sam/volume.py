@@ -43,9 +43,15 @@ Progress and cancellation: the work is a generator (:func:`propagation_steps`) t
 the result; closing it (``generator.close()``, a napari worker's ``quit()``) stops it between
 two steps. Embeddings are computed on demand, only for the slices visited.
 
-Intensities: ONE contrast mapping for the whole volume (given ``contrast_limits``, or the
-0.5th and 99.5th percentiles of the whole volume), so a slice's brightness does not change
-how it is mapped (see :func:`volume_to_rgb`).
+Intensities: ONE contrast mapping for the whole volume (given ``contrast_limits``, e.g. the
+layer's, mapped as the interactive widget maps a displayed slice; default: uint8 as is, other
+dtypes from the 0.5th and 99.5th percentiles of the whole volume), so a slice's brightness
+does not change how it is mapped (see :class:`VolumeSlices`). Volumes are read slice by slice
+(numpy, dask or zarr arrays).
+
+For the napari plugin: :func:`segment_volume_steps` with ``engine=`` (a ``SamEngine``: its
+model, embedding cache and lock, taken per step) and ``cache_key=`` runs as a worker's
+generator; ``quit()`` / ``close()`` cancels between two steps.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from typing import Any, Callable, Generator, Mapping, NamedTuple, Optional, Sequ
 
 import numpy as np
 
-from .utils.image import ROBUST_PERCENTILES, to_rgb_uint8
+from .utils.image import ROBUST_PERCENTILES
 from .utils.labels import paint_masks
 from .utils.progress import drain
 
@@ -157,32 +163,79 @@ def volume_contrast_limits(volume: np.ndarray) -> tuple[float, float]:
     return (low, high) if high > low else (low, low + 1.0)
 
 
-def _check_volume(volume: Any, axis: int) -> tuple[np.ndarray, bool, int]:
-    """The volume with the propagation axis first, whether it is RGB(A), and its length."""
-    array = np.asarray(volume)
-    rgb = array.ndim == 4 and array.shape[-1] in (3, 4)
-    spatial = array.ndim - (1 if rgb else 0)
-    if spatial != 3:
-        raise ValueError(
-            "Expected a 3-D volume (N, H, W) or an RGB(A) volume (N, H, W, 3|4) along the propagation axis; "
-            f"got shape {array.shape}" + (" (a 2-D image: use SamPredictor)." if spatial == 2 else ".")
-        )
-    if not -spatial <= axis < spatial:
-        raise ValueError(f"axis {axis} is out of range for a volume of {spatial} spatial axes.")
-    array = np.moveaxis(array, axis % spatial, 0)
-    if array.shape[0] == 0 or array.shape[1] == 0 or array.shape[2] == 0:
-        raise ValueError(f"Expected a non-empty volume, got shape {np.asarray(volume).shape}.")
-    return array, rgb, int(array.shape[0])
+class VolumeSlices:
+    """Read 2-D slices of a volume along one axis, without loading the whole volume.
+
+    Works for numpy arrays and for lazy array-likes with ``shape``, ``dtype`` and numpy-style
+    indexing (dask, zarr: a napari layer's data); each slice is read when asked for.
+
+    Args:
+        volume: (N, H, W) or RGB(A) (N, H, W, 3|4) (a trailing axis of 3 or 4 is colour), N along ``axis``.
+        axis: the slicing axis among the three spatial axes.
+
+    Raises:
+        ValueError: not 3 spatial axes (a 2-D image says so), an axis out of range, an empty volume.
+    """
+
+    def __init__(self, volume: Any, axis: int = 0) -> None:
+        self.volume = volume if hasattr(volume, "shape") and hasattr(volume, "dtype") else np.asarray(volume)
+        shape = tuple(int(v) for v in self.volume.shape)
+        self.rgb = len(shape) == 4 and shape[-1] in (3, 4)
+        spatial = len(shape) - (1 if self.rgb else 0)
+        if spatial != 3:
+            raise ValueError(
+                "Expected a 3-D volume (N, H, W) or an RGB(A) volume (N, H, W, 3|4) along the propagation axis; "
+                f"got shape {shape}" + (" (a 2-D image: use SamPredictor)." if spatial == 2 else ".")
+            )
+        if not -3 <= int(axis) < 3:
+            raise ValueError(f"axis {axis} is out of range for a volume of 3 spatial axes.")
+        self.axis = int(axis) % 3
+        if 0 in shape:
+            raise ValueError(f"Expected a non-empty volume, got shape {shape}.")
+        self.shape = shape  # the volume's own shape
+        plane = [n for i, n in enumerate(shape[:3]) if i != self.axis]
+        self.plane_shape: tuple[int, int] = (plane[0], plane[1])
+        self.dtype = np.dtype(self.volume.dtype)
+
+    def __len__(self) -> int:
+        return self.shape[self.axis]
+
+    def plane(self, index: int) -> np.ndarray:
+        """Slice ``index`` as HxW (or HxWx3|4) numpy array."""
+        indexer = tuple(index if i == self.axis else slice(None) for i in range(3))
+        return np.asarray(self.volume[indexer])
+
+    def contrast_limits(self, max_slices: int = 16) -> tuple[float, float]:
+        """(low, high): the 0.5th and 99.5th percentiles of the whole volume (numpy), or of up to
+        ``max_slices`` evenly spaced slices (lazy arrays, so that nothing else is read)."""
+        if isinstance(self.volume, np.ndarray):
+            return volume_contrast_limits(self.volume)
+        picks = np.unique(np.linspace(0, len(self) - 1, min(len(self), max_slices)).round().astype(int))
+        return volume_contrast_limits(np.stack([self.plane(int(i)) for i in picks]))
+
+    def rgb_reader(self, contrast_limits: Optional[Sequence[float]] = None) -> Callable[[int], np.ndarray]:
+        """A function giving slice i as SAM's HxWx3 uint8 input, ONE mapping for all slices:
+        :func:`~napari_sam.interactive.engine.display_rgb` with ``contrast_limits`` (as the
+        interactive widget maps a displayed slice), default: uint8 as is, other dtypes from
+        :meth:`contrast_limits` of the whole volume."""
+        from .interactive.engine import display_rgb
+
+        limits = None
+        if contrast_limits is not None:
+            limits = (float(contrast_limits[0]), float(contrast_limits[1]))
+        elif self.dtype != np.uint8:
+            limits = self.contrast_limits()
+        return lambda index: display_rgb(self.plane(index), limits, self.rgb)
+
+    def stack(self, masks: np.ndarray) -> np.ndarray:
+        """(N, H, W) per-slice results put back in the volume's spatial axis order."""
+        return np.moveaxis(masks, 0, self.axis)
 
 
-def volume_to_rgb(volume: np.ndarray, contrast_limits: Optional[Sequence[float]] = None) -> Callable[[int], np.ndarray]:
-    """A function giving slice i (along the first axis) as HxWx3 uint8 RGB, with one mapping for
-    the whole volume: uint8 is used as is; other dtypes map ``contrast_limits`` (default
-    :func:`volume_contrast_limits`) to [0, 255]."""
-    limits = None
-    if volume.dtype != np.uint8:
-        limits = tuple(float(v) for v in contrast_limits) if contrast_limits is not None else volume_contrast_limits(volume)
-    return lambda index: to_rgb_uint8(volume[index], limits)
+def volume_to_rgb(volume: Any, contrast_limits: Optional[Sequence[float]] = None, axis: int = 0) -> Callable[[int], np.ndarray]:
+    """A function giving slice i (along ``axis``) as HxWx3 uint8 RGB with one mapping for the
+    whole volume (see :meth:`VolumeSlices.rgb_reader`)."""
+    return VolumeSlices(volume, axis).rgb_reader(contrast_limits)
 
 
 # -- prompts from masks --------------------------------------------------------------------------
@@ -252,6 +305,26 @@ def _embedding(steps: Generator, done: int, total: int, index: int) -> Generator
 def default_embedder(predictor: Any, rgb_slice: Callable[[int], np.ndarray]) -> Callable[[int], Generator]:
     """Embeddings computed by ``predictor.embedding_steps`` on ``rgb_slice(i)`` (no cache)."""
     return lambda index: predictor.embedding_steps(rgb_slice(index))
+
+
+def engine_embedder(
+    engine: Any, rgb_slice: Callable[[int], np.ndarray], cache_key: Optional[Callable[[int], Any]] = None,
+) -> Callable[[int], Generator]:
+    """Embeddings from a :class:`~napari_sam.interactive.engine.SamEngine`: taken from its cache
+    under ``cache_key(i)`` when there, else computed step by step (``engine.embedding_steps``,
+    lock per step) and put in the cache (no cache without ``cache_key``)."""
+
+    def embed(index: int) -> Generator[tuple[int, int], None, Any]:
+        key = cache_key(index) if cache_key is not None else None
+        cached = engine.cache.get(key) if key is not None else None
+        if cached is not None:
+            return cached
+        embedding = yield from engine.embedding_steps(rgb_slice(index))
+        if key is not None:
+            engine.cache.put(key, embedding)
+        return embedding
+
+    return embed
 
 
 def propagation_steps(
@@ -368,12 +441,8 @@ def _check_prompts(point_coords: Any, point_labels: Any, box: Any, shape: tuple[
     return kwargs
 
 
-def _callback_drain(steps: Generator[VolumeProgress, None, Any], progress: Optional[ProgressCallback]) -> Any:
-    return drain(steps, progress)
-
-
 def segment_volume_steps(
-    volume: np.ndarray,
+    volume: Any,
     slice_index: int,
     *,
     point_coords: Any = None,
@@ -385,40 +454,67 @@ def segment_volume_steps(
     axis: int = 0,
     contrast_limits: Optional[Sequence[float]] = None,
     settings: Optional[PropagationSettings] = None,
+    engine: Any = None,
+    cache_key: Optional[Callable[[int], Any]] = None,
 ) -> Generator[VolumeProgress, None, np.ndarray]:
     """The generator behind :func:`segment_volume` (same arguments; yields :class:`VolumeProgress`,
-    returns the mask). ``anchors`` (slice -> HxW mask) adds masks of the object on other slices."""
-    array, rgb, n = _check_volume(volume, axis)
-    if not -n <= int(slice_index) < n:
-        raise ValueError(f"slice_index {slice_index} is out of range for {n} slices along axis {axis}.")
-    slice_index = int(slice_index) % n
-    shape = tuple(array.shape[1:3])
+    returns the mask; ``close()`` cancels between two steps).
+
+    Extra arguments for the napari plugin:
+        anchors: slice -> HxW mask of the object on further slices (never overwritten).
+        engine: a :class:`~napari_sam.interactive.engine.SamEngine` to use instead of
+            ``model``: its model and embedding cache, its lock taken per step.
+        cache_key: slice index -> the engine's cache key of that slice's embedding (e.g.
+            ``lambda i: engine.cache_key(data_key, slice_spec_of(i).key, contrast_limits)``).
+    """
+    volume = VolumeSlices(volume, axis)
+    n = len(volume)
+    if not 0 <= int(slice_index) < n:
+        raise ValueError(f"slice_index {slice_index} is out of range: {n} slices (0..{n - 1}) along axis {axis}.")
+    slice_index = int(slice_index)
+    shape = volume.plane_shape
     prompts = _check_prompts(point_coords, point_labels, box, shape)
     if mask is None and not prompts and not anchors:
         raise ValueError("segment_volume needs a prompt on the slice: point_coords, a box or a mask.")
     if mask is not None and np.shape(mask) != shape:
         raise ValueError(f"mask has shape {np.shape(mask)}; the slices are {shape}.")
-    predictor, _ = resolve_predictor(model)
-    rgb_slice = volume_to_rgb(array, contrast_limits)
-    embed = default_embedder(predictor, rgb_slice)
-    anchor_masks = {int(k) % n: np.asarray(v, dtype=bool) for k, v in (anchors or {}).items()}
-    anchor_logits: dict[int, np.ndarray] = {}
-    if mask is not None and not prompts:
-        anchor_masks[slice_index] = np.asarray(mask, dtype=bool)
-    elif prompts or mask is not None:
-        embedding = yield from _embedding(embed(slice_index), 0, n - 1, slice_index)
-        predictor.set_image_embedding(embedding)
-        single_point = "box" not in prompts and len(prompts.get("point_coords", ())) == 1 and mask is None
-        if mask is not None:
-            prompts["mask_input"] = _mask_to_logits(predictor, np.asarray(mask, dtype=bool))[None]
-        out, scores, low_res = predictor.predict(multimask_output=single_point, **prompts)
-        best = int(np.argmax(scores))
-        if not out[best].any():
-            raise ValueError(f"The prompts give an empty mask on slice {slice_index}.")
-        anchor_masks[slice_index] = np.asarray(out[best], dtype=bool)
-        anchor_logits[slice_index] = low_res[best]
-    result = yield from propagation_steps(predictor, n, anchor_masks, embed, settings, anchor_logits)
-    return np.moveaxis(result.masks, 0, axis % 3)
+    anchor_masks = {}
+    for index, anchor in (anchors or {}).items():
+        if not 0 <= int(index) < n or np.shape(anchor) != shape:
+            raise ValueError(f"Anchor on slice {index} of shape {np.shape(anchor)}: expected 0..{n - 1} and {shape}.")
+        anchor_masks[int(index)] = np.asarray(anchor, dtype=bool)
+    rgb_slice = volume.rgb_reader(contrast_limits)
+    if engine is not None:
+        engine.ensure_model()
+        predictor = engine.predictor
+        embed = engine_embedder(engine, rgb_slice, cache_key)
+    else:
+        predictor, _ = resolve_predictor(model)
+        embed = default_embedder(predictor, rgb_slice)
+
+    def steps() -> Generator[VolumeProgress, None, np.ndarray]:
+        anchor_logits: dict[int, np.ndarray] = {}
+        if mask is not None and not prompts:
+            anchor_masks[slice_index] = np.asarray(mask, dtype=bool)
+        elif prompts or mask is not None:
+            embedding = yield from _embedding(embed(slice_index), 0, n - 1, slice_index)
+            predictor.set_image_embedding(embedding)
+            kwargs = dict(prompts)
+            single_point = "box" not in kwargs and len(kwargs.get("point_coords", ())) == 1 and mask is None
+            if mask is not None:
+                kwargs["mask_input"] = _mask_to_logits(predictor, np.asarray(mask, dtype=bool))[None]
+            out, scores, low_res = predictor.predict(multimask_output=single_point, **kwargs)
+            best = int(np.argmax(scores))
+            if not out[best].any():
+                raise ValueError(f"The prompts give an empty mask on slice {slice_index}.")
+            anchor_masks[slice_index] = np.asarray(out[best], dtype=bool)
+            anchor_logits[slice_index] = low_res[best]
+        result = yield from propagation_steps(predictor, n, anchor_masks, embed, settings, anchor_logits)
+        return volume.stack(result.masks)
+
+    if engine is not None:
+        return (yield from engine.locked(steps()))
+    return (yield from steps())
 
 
 def _mask_to_logits(predictor: Any, mask: np.ndarray, scale: float = 8.0) -> np.ndarray:
@@ -480,7 +576,7 @@ def segment_volume(
         ValueError: a 2-D image, ``slice_index`` out of range, prompts outside the slice, no
             prompt, or prompts that give an empty mask.
     """
-    return _callback_drain(segment_volume_steps(
+    return drain(segment_volume_steps(
         volume, slice_index, point_coords=point_coords, point_labels=point_labels, box=box, mask=mask,
         anchors=anchors, model=model, axis=axis, contrast_limits=contrast_limits, settings=settings), progress)
 
@@ -621,13 +717,14 @@ def automatic_volume_steps(
     from .amg_settings import AmgSettings
     from .automatic_mask_generator import SamAutomaticMaskGenerator
 
-    array, rgb, n = _check_volume(volume, axis)
+    volume = VolumeSlices(volume, axis)
+    n = len(volume)
     predictor, model_type = resolve_predictor(model)
     if settings is None:
         settings = AmgSettings.for_model(model_type) if model_type else AmgSettings()
     settings = settings.replace(output_mode="binary_mask")
     generator = SamAutomaticMaskGenerator(predictor.model, settings=settings, precision=predictor.precision)
-    rgb_slice = volume_to_rgb(array, contrast_limits)
+    rgb_slice = volume.rgb_reader(contrast_limits)
     per_slice = []
     for z in range(n):
         steps = generator.generate_iter(rgb_slice(z))
@@ -643,8 +740,8 @@ def automatic_volume_steps(
             steps.close()
         per_slice.append([(r["segmentation"], r["predicted_iou"]) for r in records])
         yield VolumeProgress(z + 1, n, z, 0, 0)
-    labels, table = link_slices(per_slice, tuple(array.shape[1:3]), link)
-    return np.moveaxis(labels, 0, axis % 3), table
+    labels, table = link_slices(per_slice, volume.plane_shape, link)
+    return volume.stack(labels), table
 
 
 def segment_volume_automatic(
