@@ -157,6 +157,10 @@ def test_link_slices_joins_a_piece_given_besides_the_whole():
     (lambda v: V.segment_volume(v, 3, point_coords=[[500, 5]]), "outside the slice"),
     (lambda v: V.segment_volume(v, 3, box=[-50, -50, -10, -10]), "outside the slice"),
     (lambda v: V.segment_volume(v, 3), "needs a prompt"),
+    (lambda v: V.segment_volume(v, 3, point_coords=np.zeros((0, 2))), "needs a prompt"),
+    (lambda v: V.segment_volume(v, 3, point_labels=[1]), "without point_coords"),
+    (lambda v: V.segment_volume(v, -1, point_coords=[[5, 5]]), "out of range"),
+    (lambda v: V.segment_volume(v, 3, point_coords=[[5, 5]], axis=3), "axis 3"),
     (lambda v: V.segment_volume(v, 3, mask=np.ones((4, 4), bool)), "mask has shape"),
     (lambda v: V.segment_volume_automatic(v[0]), "2-D image"),
 ])

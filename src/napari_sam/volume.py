@@ -422,7 +422,13 @@ def resolve_predictor(model: Any) -> tuple[Any, str]:
 def _check_prompts(point_coords: Any, point_labels: Any, box: Any, shape: tuple[int, int]) -> dict[str, Any]:
     h, w = shape
     kwargs: dict[str, Any] = {}
+    if point_coords is not None and np.size(point_coords) == 0:
+        point_coords = None
+    if point_coords is None and point_labels is not None and np.size(point_labels):
+        raise ValueError("point_labels given without point_coords.")
     if point_coords is not None:
+        if np.size(point_coords) % 2:
+            raise ValueError(f"point_coords must be Kx2 (x, y), got shape {np.shape(point_coords)}.")
         coords = np.asarray(point_coords, dtype=np.float64).reshape(-1, 2)
         labels = np.ones(len(coords), dtype=np.int64) if point_labels is None else np.asarray(point_labels)
         if labels.shape != (len(coords),):
