@@ -35,6 +35,10 @@ def test_status_area_shows_a_whole_long_message(make_napari_viewer, qtbot, which
     viewer, widget = open_widget(make_napari_viewer, which)
     status = widget._status
     qtbot.waitUntil(lambda: status.native.isVisible(), timeout=10_000)
+    if which == "interactive":  # it embeds the image as soon as it opens: let that finish first
+        for _ in range(2):  # idle, and still idle after a pause (a request may be scheduled late)
+            qtbot.waitUntil(lambda: widget.worker is None and not widget._timer.isActive(), timeout=120_000)
+            qtbot.wait(500)
     status.value = "Short."
     qtbot.wait(20)
     short_height = status.native.height()
