@@ -60,7 +60,7 @@ class SamConfig:
 
         from torch import nn
 
-        from ..modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+        from ..modeling import ImageEncoderViT
 
         encoder = ImageEncoderViT(
             depth=self.depth, embed_dim=self.embed_dim, img_size=self.img_size, mlp_ratio=4,
@@ -68,19 +68,7 @@ class SamConfig:
             qkv_bias=True, use_rel_pos=True, global_attn_indexes=self.global_attn_indexes,
             window_size=self.window_size, out_chans=self.prompt_embed_dim,
         )
-        prompt_encoder = PromptEncoder(
-            embed_dim=self.prompt_embed_dim, image_embedding_size=(self.grid, self.grid),
-            input_image_size=(self.img_size, self.img_size), mask_in_chans=self.mask_in_chans,
-        )
-        transformer = TwoWayTransformer(
-            depth=2, embedding_dim=self.prompt_embed_dim, mlp_dim=self.decoder_mlp_dim,
-            num_heads=self.decoder_num_heads,
-        )
-        decoder = MaskDecoder(
-            num_multimask_outputs=3, transformer=transformer, transformer_dim=self.prompt_embed_dim,
-            iou_head_depth=3, iou_head_hidden_dim=self.iou_head_hidden_dim,
-        )
-        return Sam(image_encoder=encoder, prompt_encoder=prompt_encoder, mask_decoder=decoder).eval()
+        return assemble_sam(encoder, self)
 
     def fits(self, state_dict: Mapping[str, Any]) -> bool:
         """Whether a state dict's tensor shapes say it is a model of these sizes (see
@@ -142,3 +130,28 @@ def describe_state_dict(state_dict: Mapping[str, Any]) -> str:
         return "no 'image_encoder.pos_embed' tensor of shape 1xGxGxD"
     return (f"embed dim {shape.embed_dim}, {shape.depth} blocks, {shape.grid}x{shape.grid} grid, "
             f"global attention in blocks {list(shape.global_blocks)}")
+
+
+def assemble_sam(image_encoder: Any, config: Any) -> "Sam":
+    """SAM around ``image_encoder``: the prompt encoder and mask decoder sized by ``config``, in eval mode.
+
+    ``config`` gives ``prompt_embed_dim``, ``grid`` (embedding side), ``img_size``,
+    ``mask_in_chans``, ``decoder_mlp_dim``, ``decoder_num_heads`` and ``iou_head_hidden_dim``
+    (the reference's decoder: a two-layer two-way transformer, 3 multimask outputs, a 3-layer
+    IoU head). Shared by every architecture whose prompt side is SAM's.
+    """
+    from ..modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    prompt_encoder = PromptEncoder(
+        embed_dim=config.prompt_embed_dim, image_embedding_size=(config.grid, config.grid),
+        input_image_size=(config.img_size, config.img_size), mask_in_chans=config.mask_in_chans,
+    )
+    transformer = TwoWayTransformer(
+        depth=2, embedding_dim=config.prompt_embed_dim, mlp_dim=config.decoder_mlp_dim,
+        num_heads=config.decoder_num_heads,
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3, transformer=transformer, transformer_dim=config.prompt_embed_dim,
+        iou_head_depth=3, iou_head_hidden_dim=config.iou_head_hidden_dim,
+    )
+    return Sam(image_encoder=image_encoder, prompt_encoder=prompt_encoder, mask_decoder=decoder).eval()

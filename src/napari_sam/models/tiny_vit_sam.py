@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
+from .sam_vit import assemble_sam
+
 if TYPE_CHECKING:
     from ..modeling import Sam
 
@@ -55,26 +57,13 @@ class TinyViTSamConfig:
 
     def build(self) -> "Sam":
         """An untrained MobileSAM of these sizes, in eval mode (random weights from torch's generator)."""
-        from ..modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
         from ..modeling.tiny_vit import TinyViT
 
         encoder = TinyViT(
             img_size=self.img_size, embed_dims=self.embed_dims, depths=self.depths, num_heads=self.num_heads,
             window_sizes=self.window_sizes, out_chans=self.prompt_embed_dim, num_classes=self.num_classes,
         )
-        prompt_encoder = PromptEncoder(
-            embed_dim=self.prompt_embed_dim, image_embedding_size=(self.grid, self.grid),
-            input_image_size=(self.img_size, self.img_size), mask_in_chans=self.mask_in_chans,
-        )
-        transformer = TwoWayTransformer(
-            depth=2, embedding_dim=self.prompt_embed_dim, mlp_dim=self.decoder_mlp_dim,
-            num_heads=self.decoder_num_heads,
-        )
-        decoder = MaskDecoder(
-            num_multimask_outputs=3, transformer=transformer, transformer_dim=self.prompt_embed_dim,
-            iou_head_depth=3, iou_head_hidden_dim=self.iou_head_hidden_dim,
-        )
-        return Sam(image_encoder=encoder, prompt_encoder=prompt_encoder, mask_decoder=decoder).eval()
+        return assemble_sam(encoder, self)
 
     def fits(self, state_dict: Mapping[str, Any]) -> bool:
         """Whether a state dict's tensor shapes say it is a TinyViT SAM of these sizes (see
