@@ -67,9 +67,12 @@ def reference(images, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client():
+    import dask
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+    from napari_sam.batch import WORKER_DASK_CONFIG
+
+    with dask.config.set(WORKER_DASK_CONFIG), LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None, memory_limit="2GiB") as cluster, Client(cluster) as client:
         yield client
 

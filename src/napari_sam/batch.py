@@ -172,8 +172,16 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+# dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which makes AMG about 1.5x slower (a fixed
+# threshold also turns off glibc's dynamic mmap threshold: every large tensor is a fresh mmap, page faults
+# and all; measured with bench_distributed.py). Local clusters start their workers without it.
+WORKER_DASK_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+
+
 def start_local_cluster(workers: int, threads: Optional[int] = None, memory_limit: Union[str, int] = "auto") -> Any:
     """A ``LocalCluster`` of ``workers`` processes on 127.0.0.1, one task at a time each, and its client.
+
+    The workers start without dask's ``MALLOC_TRIM_THRESHOLD_`` (:data:`WORKER_DASK_CONFIG`).
 
     Args:
         workers: worker processes.
@@ -196,10 +204,13 @@ def start_local_cluster(workers: int, threads: Optional[int] = None, memory_limi
         dashboard: Optional[str] = "127.0.0.1:0"
     except ImportError:
         dashboard = None
-    cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-        memory_limit=limit, dashboard_address=dashboard,
-    )
+    import dask
+
+    with dask.config.set(WORKER_DASK_CONFIG):
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+            memory_limit=limit, dashboard_address=dashboard,
+        )
     return Client(cluster), threads
 
 
@@ -263,6 +274,7 @@ def run_jobs(
                 except Exception as error:  # e.g. KilledWorker: the file killed every worker it ran on
                     collect(ItemResult(names[future.key], "failed", reason=failure_reason(error)))
                 bar.update()
+            client.cancel(futures)  # release the results held by the workers
     _remove_leftovers(jobs)
     return result
 
