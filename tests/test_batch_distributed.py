@@ -197,3 +197,19 @@ def test_thread_count_changes_floats_not_masks(images, reference, tmp_path):
     match, mismatch, errors = filecmp.cmpfiles(reference, output, pngs, shallow=False)
     assert (mismatch, errors) == ([], [])
     assert os.path.exists(output / "img0" / "metadata.csv")
+
+
+def test_cli_workers_starts_a_local_cluster(images, reference, tmp_path, capsys):
+    """--workers 2 (with --memory-limit and --resources, which the local workers get) on two files."""
+    folder = tmp_path / "screen"
+    folder.mkdir()
+    for name in ("img0.png", "img1.png"):
+        (folder / name).write_bytes((images / name).read_bytes())
+    output = tmp_path / "out"
+    args = ["--input", str(folder), "--output", str(output), "--workers", "2", "--threads", "1",
+            "--memory-limit", "2GiB", "--resources", "GPU=1", *FLAGS]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "local dask cluster of 2 worker(s) x 1 torch thread(s), 2.0 GiB each" in out
+    assert "Done: 2 done" in out
+    assert _tree(output) == {k: v for k, v in _tree(reference).items() if k.split("/")[0] in ("img0", "img1")}

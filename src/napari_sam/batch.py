@@ -178,7 +178,10 @@ def available_cores() -> int:
 WORKER_DASK_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 
-def start_local_cluster(workers: int, threads: Optional[int] = None, memory_limit: Union[str, int] = "auto") -> Any:
+def start_local_cluster(
+    workers: int, threads: Optional[int] = None, memory_limit: Union[str, int] = "auto",
+    resources: Optional[dict] = None,
+) -> Any:
     """A ``LocalCluster`` of ``workers`` processes on 127.0.0.1, one task at a time each, and its client.
 
     The workers start without dask's ``MALLOC_TRIM_THRESHOLD_`` (:data:`WORKER_DASK_CONFIG`).
@@ -188,6 +191,7 @@ def start_local_cluster(workers: int, threads: Optional[int] = None, memory_limi
         threads: torch threads per worker (default: cores // workers, at least 1); dask runs one
             task at a time per worker (``threads_per_worker=1``), torch uses these threads.
         memory_limit: per worker, e.g. ``"4GiB"`` or bytes; ``"auto"``: the machine's memory / workers.
+        resources: dask resources each worker has (e.g. ``{"GPU": 1}``), so that tasks that need them run.
 
     Returns:
         (client, torch threads per worker).
@@ -198,18 +202,12 @@ def start_local_cluster(workers: int, threads: Optional[int] = None, memory_limi
 
     threads = threads or max(1, available_cores() // workers)
     limit = MEMORY_LIMIT // workers if memory_limit in (None, "auto") else parse_bytes(memory_limit)
-    try:
-        import bokeh  # noqa: F401  (the dashboard needs it)
-
-        dashboard: Optional[str] = "127.0.0.1:0"
-    except ImportError:
-        dashboard = None
     import dask
 
     with dask.config.set(WORKER_DASK_CONFIG):
         cluster = LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-            memory_limit=limit, dashboard_address=dashboard,
+            memory_limit=limit, dashboard_address="127.0.0.1:0", **({"resources": resources} if resources else {}),
         )
     return Client(cluster), threads
 
@@ -222,9 +220,12 @@ def _progress_bar(total: int, progress: bool) -> Any:
 
 def run_jobs(
     jobs: Sequence[Job], model: ModelChoice, settings: Any, fmt: Optional[str] = None, existing: str = "skip",
-    client: Any = None, *, progress: bool = True,
+    client: Any = None, *, progress: bool = True, resources: Optional[dict] = None,
 ) -> BatchResult:
     """Run planned jobs (:func:`napari_sam.cli.plan_jobs`) on ``client``, or in this process when None.
+
+    ``resources`` (e.g. ``{"GPU": 1}``): each task needs this much of the workers' dask resources,
+    so only workers started with them (``dask worker --resources GPU=1``) take files.
 
     Jobs whose outputs are all complete are skipped here (``existing="skip"``) without a task.
     After the run, temporaries of killed workers are removed from the output folders (on this
@@ -266,7 +267,7 @@ def run_jobs(
             plugin = __getattr__("SamWorkerPlugin")(model, settings)
             client.register_plugin(plugin, name=PLUGIN_NAME)
             keys = [f"napari-sam-{i}-{job.target.name}" for i, job in enumerate(todo)]
-            futures = client.map(run_item, todo, fmt=fmt, existing=existing, key=keys, pure=False)
+            futures = client.map(run_item, todo, fmt=fmt, existing=existing, key=keys, pure=False, resources=resources)
             names = {future.key: job.target.name for future, job in zip(futures, todo)}
             for future in as_completed(futures):
                 try:
@@ -297,6 +298,7 @@ def run_batch(
     fmt: Optional[str] = None,
     overwrite: bool = False,
     progress: bool = True,
+    resources: Optional[dict] = None,
 ) -> BatchResult:
     """Segment image files or folders into ``output``, on a ``dask.distributed`` client.
 
@@ -309,6 +311,7 @@ def run_batch(
         fmt: None (PNG folders and metadata.csv) or a COCO format (``reference``, ``results``, ``instances``).
         overwrite: redo complete outputs (default: skip them).
         progress: show a progress bar.
+        resources: dask resources each task needs, e.g. ``{"GPU": 1}`` (see :func:`run_jobs`).
 
     Returns:
         The :class:`BatchResult` (``exit_status`` 1 when anything failed).
@@ -332,7 +335,8 @@ def run_batch(
     check_destinations(jobs, overwrite, skip_existing=not overwrite)
     check_output_folder(output)
     prepare_output_folder(output)
-    result = run_jobs(jobs, model, settings, fmt, "overwrite" if overwrite else "skip", client, progress=progress)
+    result = run_jobs(jobs, model, settings, fmt, "overwrite" if overwrite else "skip", client, progress=progress,
+                      resources=resources)
     result.skipped.extend(skipped)
     result.failed.update(reasons)
     return result
@@ -341,7 +345,7 @@ def run_batch(
 def main_distributed(
     jobs: Sequence[Job], failed: dict, skipped: list, model: ModelChoice, settings: Any, fmt: Optional[str],
     existing: str, *, workers: Optional[int] = None, scheduler: Optional[str] = None,
-    memory_limit: Union[str, int] = "auto",
+    memory_limit: Union[str, int] = "auto", resources: Optional[dict] = None,
 ) -> int:
     """``napari-sam-amg --workers N`` / ``--scheduler ADDRESS`` after the CLI's checks (``failed``: file
     name -> reason of the files that could not be planned); returns the exit status."""
@@ -352,7 +356,7 @@ def main_distributed(
             client = Client(scheduler)
             where = f"the dask cluster at {scheduler} ({len(client.scheduler_info().get('workers', {}))} workers)"
         else:
-            client, threads = start_local_cluster(workers, model.threads, memory_limit)
+            client, threads = start_local_cluster(workers, model.threads, memory_limit, resources)
             model = ModelChoice(model.model_type, model.checkpoint, model.precision, model.device, threads)
             limit = next(iter(client.scheduler_info()["workers"].values()), {}).get("memory_limit")
             where = (f"a local dask cluster of {workers} worker(s) x {threads} torch thread(s)"
@@ -363,10 +367,11 @@ def main_distributed(
     with client:
         print(f"Running on {where}; model {model.model_type} from {model.checkpoint}.")
         if "dashboard" in client.scheduler_info().get("services", {}):
-            print(f"Dashboard: {client.dashboard_link}")
-        else:
-            print("Dashboard: none (pip install bokeh for dask's dashboard).")
-        result = run_jobs(jobs, model, settings, fmt, existing, client)
+            import importlib.util
+
+            plots = "" if importlib.util.find_spec("bokeh") else " (pip install bokeh for its plots)"
+            print(f"Dashboard: {client.dashboard_link}{plots}")
+        result = run_jobs(jobs, model, settings, fmt, existing, client, resources=resources)
         if workers is not None and client.cluster is not None:
             client.cluster.close()
     result.skipped.extend(skipped)

@@ -18,7 +18,10 @@ The reference's ``scripts/amg.py`` with the same flags and outputs, and its bugs
   <hex>.tmp`` sibling, then renamed); the leftovers of a killed run are removed by the next
   run in the same ``--output``;
 * a progress bar per image, ``--precision`` for the faster reduced-precision path, and
-  ``--coco-format`` for COCO files that pycocotools loads as they are.
+  ``--coco-format`` for COCO files that pycocotools loads as they are;
+* ``--workers N`` / ``--scheduler ADDRESS`` map the files over a dask.distributed cluster
+  (:mod:`napari_sam.batch`, docs/batch.md), skipping complete outputs (``--skip-existing`` does
+  that in one process too). Both paths write through :func:`process_job`.
 
 Outputs, per input ``<stem>.<ext>`` (a stack's planes get a suffix, see :data:`NAMING_HELP`):
 ``<output>/<stem>/<i>.png`` (uint8, 0 or 255) for every mask plus ``<output>/<stem>/metadata.csv``
@@ -130,6 +133,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _resources(text: str) -> dict[str, float]:
+    try:
+        pairs = [item.split("=") for item in text.split(",") if item.strip()]
+        return {name.strip(): float(value) for name, value in pairs}
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected NAME=N[,NAME=N], e.g. GPU=1, not {text!r}") from error
+
+
 def _model_type_help() -> str:
     """The user-facing model types by menu group, e.g. ``"General SAM: vit_b, vit_l, vit_h
     (alias default); Light microscopy: vit_b_lm, ..."``."""
@@ -206,6 +217,11 @@ def build_parser(settings_class: Optional[type] = None) -> argparse.ArgumentPars
         "--threads", type=_positive_int, default=None, metavar="T",
         help="torch threads per process (one process: torch's default; --workers N: cores // N; "
         "--scheduler: the workers' default, 1 under a dask nanny).",
+    )
+    batch.add_argument(
+        "--resources", type=_resources, default=None, metavar="NAME=N[,NAME=N]",
+        help="dask resources each file needs, e.g. GPU=1: only workers started with them "
+        "(dask worker --resources GPU=1) take files.",
     )
     batch.add_argument(
         "--memory-limit", default="auto", metavar="BYTES",
@@ -663,6 +679,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return batch.main_distributed(
             jobs, reasons, skipped, model, settings, fmt, existing,
             workers=args.workers, scheduler=args.scheduler, memory_limit=args.memory_limit,
+            resources=args.resources,
         )
 
     try:
