@@ -213,3 +213,22 @@ def test_cli_workers_starts_a_local_cluster(images, reference, tmp_path, capsys)
     assert "local dask cluster of 2 worker(s) x 1 torch thread(s), 2.0 GiB each" in out
     assert "Done: 2 done" in out
     assert _tree(output) == {k: v for k, v in _tree(reference).items() if k.split("/")[0] in ("img0", "img1")}
+
+
+def test_run_batch_without_client_runs_in_this_process(images, reference, tmp_path):
+    import torch
+
+    model, settings = _model_and_settings()
+    folder = tmp_path / "screen"
+    folder.mkdir()
+    (folder / "img2.png").write_bytes((images / "img2.png").read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    threads = torch.get_num_threads()
+    try:
+        from napari_sam.batch import run_batch
+
+        result = run_batch([folder], tmp_path / "out", model=model, settings=settings, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert ([item.name for item in result.done], result.skipped, result.failed) == (["img2.png"], ["notes.txt"], {})
+    assert _tree(tmp_path / "out") == {k: v for k, v in _tree(reference).items() if k.startswith("img2/")}
