@@ -9,7 +9,7 @@ import numpy as np
 from napari.layers import Image, Labels
 
 from ..interactive.engine import objects_to_labels
-from ..interactive.history import Edit, next_free_id, plan_commit
+from ..interactive.history import Edit, next_free_id, plan_commit, plan_volume_commit
 from ..interactive.prompts import SliceSpec
 from . import _layers
 from ._session import SegmentationSession
@@ -91,6 +91,17 @@ def commit_objects(
         ValueError: ``output`` has another shape than the image's slice frame.
     """
     edit = plan_commit(output.data, spec, masks, first_id=next_free_id(output.data))
+    if edit is not None:
+        session.history(output).commit(edit, _writer(output))
+    return edit
+
+
+def commit_volume_object(
+    session: SegmentationSession, output: Labels, spec: SliceSpec, axis: int, masks: Any
+) -> Optional[Edit]:
+    """Write one object given per slice along ``axis`` ((N, H, W) bool) into ``output`` with the
+    next free id, as one undoable step (see :func:`~napari_sam.interactive.history.plan_volume_commit`)."""
+    edit = plan_volume_commit(output.data, spec, axis, masks, first_id=next_free_id(output.data))
     if edit is not None:
         session.history(output).commit(edit, _writer(output))
     return edit

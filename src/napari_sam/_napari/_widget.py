@@ -33,10 +33,13 @@ from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..interactive.engine import SamEngine, display_rgb
 from ..interactive.prompts import ObjectPrompt, SliceSpec
+from ..interactive.volume_object import propagate_object_steps, propagation_axis
 from . import _layers
 from ._model_picker import ModelPicker
 from ._prompt_layers import flip_selected_points, polarity, read_prompts, remove_prompts_on_slice, shift_pressed
-from ._objects import CURRENT_NAME, OUTPUT_NAME, CurrentObject, commit_objects, redo_commit, undo_commit
+from ._objects import (
+    CURRENT_NAME, OUTPUT_NAME, CurrentObject, commit_objects, commit_volume_object, redo_commit, undo_commit,
+)
 from ._errors import describe_error
 from ._session import session_for, unwrap_viewer
 from ._status import StatusArea, add_full_width
@@ -48,7 +51,8 @@ NEW_LAYER = "(new layer)"
 HINTS = (
     "<b>Points</b>: click to add a positive point, <b>Shift</b>+click (or <b>T</b>) for negative.<br>"
     "<b>Boxes</b>: draw rectangles (one object per box).<br>"
-    "<b>C</b> commit &nbsp; <b>Shift-C</b> clear prompts &nbsp; <b>U</b> / <b>Shift-U</b> undo / redo commit"
+    "<b>C</b> commit &nbsp; <b>Shift-C</b> clear prompts &nbsp; <b>U</b> / <b>Shift-U</b> undo / redo commit<br>"
+    "<b>V</b> segment the current object through the stack (or time-lapse) and commit it"
 )
 
 _WIDGETS: "weakref.WeakValueDictionary[int, SamWidget]" = weakref.WeakValueDictionary()
@@ -141,6 +145,12 @@ class SamWidget(Container):
         self._clear_btn = PushButton(text="Clear prompts [Shift-C]")
         self._undo_btn = PushButton(text="Undo commit [U]")
         self._redo_btn = PushButton(text="Redo commit [Shift-U]")
+        self._volume_btn = PushButton(text=VOLUME_TEXT)
+        self._volume_btn.tooltip = (
+            "Segment the current object on every slice of the stack (or every frame of a time-lapse) "
+            "from this slice's result, and commit it as one object (one undo step)."
+        )
+        self._volume_worker: Any = None
         self._hints = Label(value=HINTS)
         self.extend(
             [
@@ -151,6 +161,7 @@ class SamWidget(Container):
                 self._output_combo,
                 Container(widgets=[self._commit_btn, self._clear_btn], layout="horizontal", labels=False),
                 Container(widgets=[self._undo_btn, self._redo_btn], layout="horizontal", labels=False),
+                self._volume_btn,
                 self._hints,
             ]
         )
@@ -178,6 +189,7 @@ class SamWidget(Container):
         self._clear_btn.changed.connect(self.clear_prompts)
         self._undo_btn.changed.connect(self.undo)
         self._redo_btn.changed.connect(self.redo)
+        self._volume_btn.changed.connect(self.segment_in_volume)
 
         layers = self.viewer.layers
         for emitter in (layers.events.inserted, layers.events.removed, layers.events.moved):
@@ -260,10 +272,12 @@ class SamWidget(Container):
         super().close()
 
     def cancel(self) -> None:
-        """Stop the running computation (at its next yield) and drop the pending one."""
+        """Stop the running computations (at their next yield) and drop the pending one."""
         self._pending = None
         if self._worker is not None:
             self._worker.quit()
+        if self._volume_worker is not None:
+            self._volume_worker.quit()
 
     # -- selected layers ----------------------------------------------------------------------
     @property
@@ -568,6 +582,90 @@ class SamWidget(Container):
         self.clear_prompts()
         return edit.ids
 
+    # -- the object through the stack --------------------------------------------------------
+    @property
+    def volume_worker(self) -> Any:
+        """The running propagation worker (None when idle)."""
+        return self._volume_worker
+
+    def segment_in_volume(self, _: Any = None) -> Any:
+        """Propagate the current object from this slice through the stack (or the time-lapse)
+        in a background worker and commit it into the output layer as one object (one undo step).
+
+        The axis is the slider last moved, when it is a non-displayed axis, else the last
+        non-displayed one. While it runs, the same button (or key) cancels it; a cancelled
+        propagation commits nothing. Returns the started worker, or None.
+        """
+        if self._volume_worker is not None:
+            self._volume_worker.quit()
+            self._status.value = "Cancelling the propagation..."
+            return None
+        if self.busy:
+            self._status.value = "Wait for the current prediction, then segment the object in the volume."
+            return None
+        image = self.image_layer
+        if image is None or self._current.spec is None or len(self._current.masks) != 1:
+            self._status.value = (
+                "Segment one object on a slice first (points and/or one box), then segment it in the volume."
+            )
+            return None
+        spec = self._current.spec
+        try:
+            axis = propagation_axis(spec, self.viewer.dims.last_used)
+        except ValueError as error:
+            self._status.show_error(str(error))
+            return None
+        output = self._ensure_output()
+        if output is None:
+            return None
+        limits = tuple(float(v) for v in image.contrast_limits)
+
+        def on_progress(progress: Any) -> None:
+            if not self._closed and progress.steps == 0:
+                self._status.value = (
+                    f"Segmenting the object in the volume: slice {progress.done} of {progress.total} "
+                    f"(axis {axis}, at {progress.slice_index})..."
+                )
+
+        def on_returned(masks: np.ndarray) -> None:
+            if self._closed:
+                return
+            if output not in self.viewer.layers:
+                self._status.show_error("The output Labels layer was removed: nothing committed.")
+                return
+            edit = commit_volume_object(self.session, output, spec, axis, masks)
+            if edit is None:
+                self._status.value = "Nothing new to commit (the pixels already carry labels)."
+                return
+            slices = np.flatnonzero(masks.reshape(len(masks), -1).any(axis=1))
+            self._status.value = (
+                f"Committed label {edit.ids[0]} on {len(slices)} slice(s), {slices.min()} to {slices.max()} "
+                f"of axis {axis}, into {output.name!r} (U undoes it)."
+            )
+            self.clear_prompts()
+
+        def on_aborted() -> None:
+            if not self._closed:
+                self._status.value = "Propagation cancelled: nothing committed."
+
+        def on_finished() -> None:
+            self._volume_worker = None
+            if not self._closed:
+                self._volume_btn.text = VOLUME_TEXT
+
+        def on_errored(error: BaseException) -> None:
+            if not self._closed:
+                self._status.show_error(f"Error: {describe_error(error)}")
+
+        self._status.value = "Segmenting the object in the volume..."
+        self._volume_btn.text = "Cancel volume segmentation [V]"
+        self._volume_worker = self.session.run(
+            propagate_object_steps, self.engine, _layers.image_array(image), image.rgb, spec, axis,
+            self._current.masks[0], limits, self.session.data_key(image), task="Segment object in volume",
+            yielded=on_progress, returned=on_returned, aborted=on_aborted, errored=on_errored, finished=on_finished,
+        )
+        return self._volume_worker
+
     def undo(self, _: Any = None) -> None:
         """Undo the last commit into the output layer."""
         edit = undo_commit(self.session, self.output_layer)
@@ -630,4 +728,6 @@ KEYS = {
     "T": "toggle_polarity",
     "U": "undo",
     "Shift-U": "redo",
+    "V": "segment_in_volume",
 }
+VOLUME_TEXT = "Segment object in volume [V]"

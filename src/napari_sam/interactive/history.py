@@ -9,7 +9,7 @@ every commit, undo and redo is also an entry in napari's own Labels undo history
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -94,6 +94,45 @@ def plan_commit(
     before = np.asarray(labels[indices]).copy()
     after = painted[changed].astype(before.dtype)
     return Edit(indices, before, after, ids)
+
+
+def plan_volume_commit(
+    labels: Any, spec: SliceSpec, axis: int, masks: Any, first_id: Optional[int] = None,
+) -> Optional[Edit]:
+    """The edit that writes one object, given as a mask per slice along ``axis``, with one id.
+
+    Args:
+        labels: nD integer label array of shape ``spec.shape``.
+        spec: any slice of the volume (its position on ``axis`` is replaced slice by slice;
+            the other non-displayed axes stay where they are).
+        axis: the axis the masks run along (not a displayed axis of ``spec``).
+        masks: (N, H, W) bool, N = ``spec.shape[axis]``, each in the slice's (row, col) frame.
+        first_id: the object's id; default :func:`next_free_id`.
+
+    Returns:
+        One :class:`Edit` for all slices (undone as one step), or None when nothing would
+        change. Pixels that already carry a label are kept (as :func:`plan_commit`).
+
+    Raises:
+        ValueError: ``axis`` is displayed, or masks of another shape.
+    """
+    if axis in spec.displayed:
+        raise ValueError(f"Axis {axis} is displayed; the masks must run along a non-displayed axis.")
+    masks = np.asarray(masks, dtype=bool)
+    if masks.shape != (spec.shape[axis], *spec.plane_shape):
+        raise ValueError(f"Masks of shape {masks.shape} do not fit {spec.shape[axis]} slices of {spec.plane_shape}.")
+    object_id = next_free_id(labels) if first_id is None else int(first_id)
+    parts = []
+    for position in np.flatnonzero(masks.reshape(len(masks), -1).any(axis=1)):
+        index = tuple(int(position) if a == axis else v for a, v in enumerate(spec.index))
+        edit = plan_commit(labels, replace(spec, index=index), [masks[position]], first_id=object_id)
+        if edit is not None:
+            parts.append(edit)
+    if not parts:
+        return None
+    indices = tuple(np.concatenate([part.indices[a] for part in parts]) for a in range(len(spec.shape)))
+    return Edit(indices, np.concatenate([p.before for p in parts]), np.concatenate([p.after for p in parts]),
+                [object_id])
 
 
 class CommitHistory:
