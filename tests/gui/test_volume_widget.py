@@ -110,3 +110,55 @@ def test_volume_segmentation_needs_one_object_and_slices(qtbot, make_napari_view
     widget.points_layer.add([[40, 40]])
     qtbot.waitUntil(lambda: not widget.busy and len(widget._current.masks) == 1, timeout=WAIT_MS)
     assert widget.segment_in_volume() is None and "no slices to propagate" in widget._status.value
+
+
+def test_segment_script_with_volume_commits_the_object_through_the_stack(qtbot, make_napari_viewer, small_model):
+    import napari_sam
+
+    stack, truth = nucleus_stack()
+    viewer = make_napari_viewer()
+    image = viewer.add_image(stack, name="nuclei")
+    z = stack.shape[0] // 2
+    viewer.dims.set_current_step(0, z)
+    points = viewer.add_points([[z, 60, 50 + z]], name="prompts")
+    labels = napari_sam.segment(viewer, image, points, model=small_model, volume=True)
+    found = labels.data > 0
+    assert len(np.unique(labels.data[found])) == 1
+    assert (found & truth).sum() / (found | truth).sum() > 0.6
+    def rectangle(r0, c0, r1, c1):
+        return [[z, r0, c0], [z, r0, c1], [z, r1, c1], [z, r1, c0]]
+
+    boxes = viewer.add_shapes([rectangle(40, 40, 80, 80), rectangle(85, 85, 115, 115)], shape_type="rectangle")
+    with pytest.raises(ValueError, match="one object"):  # two boxes are two objects
+        napari_sam.segment(viewer, image, points, boxes, model=small_model, volume=True)
+    with pytest.raises(ValueError, match="commits it"):
+        napari_sam.segment(viewer, image, points, model=small_model, volume=True, commit=False)
+
+
+def test_automatic_3d_objects_have_one_id_through_the_stack(qtbot, make_napari_viewer, small_model):
+    from napari_sam._napari._automatic_widget import AutomaticSegmentationWidget
+
+    stack, truth = nucleus_stack()
+    viewer = make_napari_viewer()
+    image = viewer.add_image(stack, name="nuclei", scale=(3.0, 1.0, 1.0))
+    widget = AutomaticSegmentationWidget(viewer)
+    widget.session.use_model(small_model)
+    widget._settings["points_per_side"].value = 8
+    widget._settings["pred_iou_thresh"].value = 0.4
+    widget._settings["stability_score_thresh"].value = 0.7
+    widget._objects_3d.value = True
+    worker = widget.run()
+    assert worker is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=WAIT_MS)
+    data = widget.result_layer.data
+    assert data.shape == stack.shape and tuple(widget.result_layer.scale) == tuple(image.scale)
+    # the nucleus is one 3-D object: one id covers most of it, on most of its slices
+    ids, counts = np.unique(data[truth & (data > 0)], return_counts=True)
+    assert len(ids) >= 1
+    best = ids[np.argmax(counts)]
+    obj = data == best
+    assert (obj & truth).sum() / (obj | truth).sum() > 0.5
+    assert obj.any(axis=(1, 2)).sum() >= 5
+    features = widget.result_layer.features
+    assert {"first_slice", "last_slice", "voxels"} <= set(features.columns) and best in set(features["label"])
+    assert "3-D objects" in widget._status.value

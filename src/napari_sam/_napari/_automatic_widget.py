@@ -12,6 +12,7 @@ every point batch, so the GUI stays responsive and Cancel stops between batches.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -21,8 +22,9 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 
 from ..amg_settings import AmgSettings
-from ..interactive.automatic import AutomaticResult, all_slices, automatic_steps
+from ..interactive.automatic import AutomaticResult, all_slices, automatic_steps, link_into_objects
 from ..interactive.engine import display_rgb
+from ..interactive.volume_object import propagation_axis
 from ._errors import describe_error
 from ._layers import current_slice, image_array, raise_prompt_layers, spatial_shape, transform_kwargs
 from ._model_picker import ModelPicker
@@ -79,11 +81,17 @@ class AutomaticSegmentationWidget(Container):
         self._model_overrides: dict[str, Any] = {}  # the settings the current model changed
         self._all_slices = CheckBox(text="All slices (nD images)", value=False,
                                     tooltip="Segment every slice along the non-displayed axes, not only the current one.")
+        self._objects_3d = CheckBox(
+            text="3-D objects (link slices)", value=False,
+            tooltip="Segment every slice along the last-moved (or last) slider axis and link the masks into "
+                    "3-D objects by their overlap between neighbouring slices: one id per object through the "
+                    "stack (or time-lapse).",
+        )
         self._run = PushButton(text="Run")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(value=0, max=1, label="Progress")
         self.extend([self._image, *self._picker.widgets, *self._settings.values(),
-                     self._all_slices, self._run, self._cancel, self._progress])
+                     self._all_slices, self._objects_3d, self._run, self._cancel, self._progress])
         add_full_width(self, self._status)
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
@@ -140,7 +148,17 @@ class AutomaticSegmentationWidget(Container):
         except ValueError as error:
             self._refuse(str(error))
             return None
-        slices = all_slices(spec) if self._all_slices.value else [spec]
+        link = bool(self._objects_3d.value)
+        if link:
+            try:
+                axis = propagation_axis(spec, self._viewer.dims.last_used)
+            except ValueError as error:
+                self._refuse(f"3-D objects: {error}")
+                return None
+            slices = [replace(spec, index=tuple(i if a == axis else v for a, v in enumerate(spec.index)))
+                      for i in range(spec.shape[axis])]
+        else:
+            slices = all_slices(spec) if self._all_slices.value else [spec]
         if not self.session.has_model:
             self._refuse("Choose a model first.")
             return None
@@ -161,7 +179,8 @@ class AutomaticSegmentationWidget(Container):
                 generator = SamAutomaticMaskGenerator(engine.ensure_model(), settings=settings,
                                                       precision=engine.precision)
             planes = [(s, display_rgb(s.take(data, rgb=rgb), limits, rgb)) for s in slices]
-            return (yield from engine.locked(automatic_steps(generator, planes)))
+            result = yield from engine.locked(automatic_steps(generator, planes))
+            return link_into_objects(result) if link else result
 
         self._run.enabled, self._cancel.enabled = False, True
         self._failed = False
@@ -216,4 +235,5 @@ class AutomaticSegmentationWidget(Container):
         layer.features = pd.DataFrame(result.features)
         layer.refresh()
         count = len(result.features["label"])
-        self._status.value = f"{count} masks in {len(result.slices)} slice(s)."
+        what = "3-D objects" if "first_slice" in result.features else "masks"
+        self._status.value = f"{count} {what} in {len(result.slices)} slice(s)."

@@ -7,10 +7,12 @@ from typing import Any, Union
 from napari.layers import Image, Labels, Points, Shapes
 
 from ..interactive.engine import SamEngine, display_rgb
+from ..interactive.volume_object import propagate_object_steps, propagation_axis
 from ..models import as_spec
+from ..utils.progress import drain
 from . import _layers
 from ._prompt_layers import read_prompts
-from ._objects import OUTPUT_NAME, CurrentObject, commit_objects
+from ._objects import OUTPUT_NAME, CurrentObject, commit_objects, commit_volume_object
 from ._session import SegmentationSession, session_for
 from ._widget import widget_for
 
@@ -55,6 +57,7 @@ def segment(
     labels_layer: Union[Labels, str, None] = None,
     device: str = "auto",
     commit: bool = True,
+    volume: bool = False,
 ) -> Labels:
     """Segment the objects prompted on the current slice, synchronously, and return the Labels.
 
@@ -80,13 +83,17 @@ def segment(
         commit: write the objects into ``labels_layer`` with the next free ids (undoable from the
             widget when it is open, and always through napari's Labels history); False: write them
             (ids 1..K) into the "current object" layer instead and return that layer.
+        volume: segment the prompted object (exactly one) through the stack or time-lapse:
+            propagated from the current slice along the last-moved (or last) slider axis
+            (:mod:`napari_sam.volume`), committed as one object with one id (needs
+            ``commit=True``).
 
     Returns:
         The Labels layer that received the objects.
 
     Raises:
         ValueError: no viewer, no image layer, no prompts on the current slice, a 3-D view, a
-            bad layer argument or no model.
+            bad layer argument or no model; with ``volume``: not one object, or no slices.
         FileNotFoundError, napari_sam.CheckpointError, RuntimeError: the model cannot be loaded.
     """
     if viewer is None:
@@ -129,6 +136,15 @@ def segment(
         rgb = display_rgb(spec.take(array, rgb=image.rgb), limits, image.rgb)
         embedding = engine.embed(rgb, key)
     masks = engine.predict_objects(embedding, prompts.objects)
+    if volume:
+        if not commit or len(masks) != 1:
+            raise ValueError(
+                f"volume=True segments one object (got {len(masks)} from the prompts) and commits it (commit=True)."
+            )
+        axis = propagation_axis(spec, viewer.dims.last_used)
+        masks = drain(propagate_object_steps(
+            engine, array, image.rgb, spec, axis, masks[0], limits, session.data_key(image)
+        ))
 
     if not commit:
         return CurrentObject(viewer).show(image, spec, masks)
@@ -139,5 +155,8 @@ def segment(
     if target is None:
         target = _layers.make_labels_layer(viewer, image, "output", OUTPUT_NAME)
         _layers.raise_prompt_layers(viewer, [points, shapes])  # masks must not hide the prompts
-    commit_objects(session, target, spec, masks)
+    if volume:
+        commit_volume_object(session, target, spec, axis, masks)
+    else:
+        commit_objects(session, target, spec, masks)
     return target

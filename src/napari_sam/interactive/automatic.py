@@ -122,3 +122,29 @@ def all_slices(spec: SliceSpec) -> list[SliceSpec]:
             index[axis] = value
         out.append(SliceSpec(spec.shape, spec.row_axis, spec.col_axis, tuple(index)))
     return out
+
+
+def link_into_objects(result: AutomaticResult, link: Any = None) -> AutomaticResult:
+    """Link the per-slice masks of ``result`` (consecutive slices along one axis) into 3-D objects.
+
+    Each slice's ids become masks (with their predicted IoU) for
+    :func:`napari_sam.volume.link_slices`, which assigns them to objects by IoU between
+    neighbouring slices (its docstring gives the rule); the result has one id per object,
+    the same on every slice, and one features row per object (``label``, first and last
+    slice, slices, voxels, mean predicted IoU).
+
+    Args:
+        result: from :func:`automatic_steps` over the slices of one axis, in order.
+        link: :class:`napari_sam.volume.LinkSettings` (default: its defaults).
+    """
+    from ..volume import link_slices
+
+    if not result.labels:
+        return result
+    iou_of = dict(zip(result.features["label"], result.features["predicted_iou"]))
+    per_slice = []
+    for labels in result.labels:
+        ids = np.unique(labels[labels > 0])
+        per_slice.append([(labels == i, float(iou_of.get(int(i), 0.0))) for i in ids])
+    linked, table = link_slices(per_slice, result.labels[0].shape, link)
+    return AutomaticResult(slices=list(result.slices), labels=list(linked), features=table)
