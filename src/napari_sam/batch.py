@@ -79,6 +79,10 @@ class BatchResult:
         return text
 
 
+class ModelLoadError(RuntimeError):
+    """The workers could not load the model (e.g. the checkpoint is not at the same path on them)."""
+
+
 # --- the worker side -----------------------------------------------------------------------------
 
 _LOADED: dict = {}  # per worker process: (ModelChoice, settings) -> generator, kept across registrations
@@ -155,6 +159,11 @@ def run_item(job: Job, fmt: Optional[str], existing: str) -> ItemResult:
     with plugin.lock:
         if plugin.generator is None:
             plugin.setup()
+        if plugin.model.threads is not None:
+            import torch
+
+            if torch.get_num_threads() != plugin.model.threads:  # e.g. something else in the worker changed it
+                torch.set_num_threads(plugin.model.threads)
         try:
             return process_job(job, plugin.generator, fmt, existing, progress=False, log=lambda line: None)
         except Exception as error:
@@ -233,6 +242,9 @@ def run_jobs(
 
     Returns:
         The :class:`BatchResult`.
+
+    Raises:
+        ModelLoadError: the workers could not load the model (nothing was run).
     """
     from .cli import failure_reason, is_complete, process_job
 
@@ -265,7 +277,10 @@ def run_jobs(
             from distributed import as_completed
 
             plugin = __getattr__("SamWorkerPlugin")(model, settings)
-            client.register_plugin(plugin, name=PLUGIN_NAME)
+            try:
+                client.register_plugin(plugin, name=PLUGIN_NAME)  # every worker loads the model now
+            except Exception as error:
+                raise ModelLoadError(f"the dask workers could not load the model: {failure_reason(error)}") from error
             keys = [f"napari-sam-{i}-{job.target.name}" for i, job in enumerate(todo)]
             futures = client.map(run_item, todo, fmt=fmt, existing=existing, key=keys, pure=False, resources=resources)
             names = {future.key: job.target.name for future, job in zip(futures, todo)}
@@ -371,7 +386,11 @@ def main_distributed(
 
             plots = "" if importlib.util.find_spec("bokeh") else " (pip install bokeh for its plots)"
             print(f"Dashboard: {client.dashboard_link}{plots}")
-        result = run_jobs(jobs, model, settings, fmt, existing, client, resources=resources)
+        try:
+            result = run_jobs(jobs, model, settings, fmt, existing, client, resources=resources)
+        except ModelLoadError as error:
+            print(f"napari-sam-amg: error: {error}", file=sys.stderr)
+            return 2
         if workers is not None and client.cluster is not None:
             client.cluster.close()
     result.skipped.extend(skipped)
