@@ -162,3 +162,26 @@ def test_automatic_3d_objects_have_one_id_through_the_stack(qtbot, make_napari_v
     features = widget.result_layer.features
     assert {"first_slice", "last_slice", "voxels"} <= set(features.columns) and best in set(features["label"])
     assert "3-D objects" in widget._status.value
+
+
+def test_embed_the_whole_stack_fills_the_cache_for_every_slice(qtbot, stack_widget):
+    from napari_sam._napari._layers import current_slice
+    from napari_sam.interactive.volume_object import StackSlices
+
+    viewer, image, widget, truth = stack_widget
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    widget.engine.cache.clear()
+    worker = widget.precompute_stack()
+    assert worker is not None
+    qtbot.waitUntil(lambda: widget._precompute_worker is None, timeout=WAIT_MS)
+    assert widget._status.value.startswith("Stack embedded (11 new")
+    spec = current_slice(viewer, image)
+    stack = StackSlices(widget.engine, image.data, False, spec, 0, tuple(image.contrast_limits),
+                        widget.session.data_key(image))
+    assert all(stack.cache_key(i) in widget.engine.cache for i in range(len(stack)))
+    # then propagation computes no embedding at all
+    before = widget.engine.embeddings_computed
+    prompt_middle_slice(qtbot, viewer, widget)
+    widget.segment_in_volume()
+    qtbot.waitUntil(lambda: widget.volume_worker is None, timeout=WAIT_MS)
+    assert widget.engine.embeddings_computed == before and widget.output_layer.data.any()

@@ -33,7 +33,7 @@ from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..interactive.engine import SamEngine, display_rgb
 from ..interactive.prompts import ObjectPrompt, SliceSpec
-from ..interactive.volume_object import propagate_object_steps, propagation_axis
+from ..interactive.volume_object import StackSlices, precompute_steps, propagate_object_steps, propagation_axis
 from . import _layers
 from ._model_picker import ModelPicker
 from ._prompt_layers import flip_selected_points, polarity, read_prompts, remove_prompts_on_slice, shift_pressed
@@ -151,6 +151,12 @@ class SamWidget(Container):
             "from this slice's result, and commit it as one object (one undo step)."
         )
         self._volume_worker: Any = None
+        self._precompute_btn = PushButton(text=PRECOMPUTE_TEXT)
+        self._precompute_btn.tooltip = (
+            "Compute the image embedding of every slice along the slider axis now, in the background "
+            "(kept in the embedding cache while it has room)."
+        )
+        self._precompute_worker: Any = None
         self._hints = Label(value=HINTS)
         self.extend(
             [
@@ -161,7 +167,7 @@ class SamWidget(Container):
                 self._output_combo,
                 Container(widgets=[self._commit_btn, self._clear_btn], layout="horizontal", labels=False),
                 Container(widgets=[self._undo_btn, self._redo_btn], layout="horizontal", labels=False),
-                self._volume_btn,
+                Container(widgets=[self._volume_btn, self._precompute_btn], layout="horizontal", labels=False),
                 self._hints,
             ]
         )
@@ -190,6 +196,7 @@ class SamWidget(Container):
         self._undo_btn.changed.connect(self.undo)
         self._redo_btn.changed.connect(self.redo)
         self._volume_btn.changed.connect(self.segment_in_volume)
+        self._precompute_btn.changed.connect(self.precompute_stack)
 
         layers = self.viewer.layers
         for emitter in (layers.events.inserted, layers.events.removed, layers.events.moved):
@@ -276,8 +283,9 @@ class SamWidget(Container):
         self._pending = None
         if self._worker is not None:
             self._worker.quit()
-        if self._volume_worker is not None:
-            self._volume_worker.quit()
+        for worker in (self._volume_worker, self._precompute_worker):
+            if worker is not None:
+                worker.quit()
 
     # -- selected layers ----------------------------------------------------------------------
     @property
@@ -659,12 +667,60 @@ class SamWidget(Container):
 
         self._status.value = "Segmenting the object in the volume..."
         self._volume_btn.text = "Cancel volume segmentation [V]"
+        stack = StackSlices(self.engine, _layers.image_array(image), image.rgb, spec, axis, limits,
+                            self.session.data_key(image))
         self._volume_worker = self.session.run(
-            propagate_object_steps, self.engine, _layers.image_array(image), image.rgb, spec, axis,
-            self._current.masks[0], limits, self.session.data_key(image), task="Segment object in volume",
+            propagate_object_steps, stack, self._current.masks[0], task="Segment object in volume",
             yielded=on_progress, returned=on_returned, aborted=on_aborted, errored=on_errored, finished=on_finished,
         )
         return self._volume_worker
+
+    def precompute_stack(self, _: Any = None) -> Any:
+        """Compute the embeddings of every slice along the slider axis in the background, so that
+        clicks on any slice and **V** need no encoder work; pressing it again stops.
+
+        Returns the started worker, or None.
+        """
+        if self._precompute_worker is not None:
+            self._precompute_worker.quit()
+            return None
+        image = self.image_layer
+        if image is None:
+            self._status.value = "No image layer: open an image first."
+            return None
+        try:
+            spec = _layers.current_slice(self.viewer, image)
+            axis = propagation_axis(spec, self.viewer.dims.last_used)
+        except ValueError as error:
+            self._status.show_error(str(error))
+            return None
+        limits = tuple(float(v) for v in image.contrast_limits)
+        stack = StackSlices(self.engine, _layers.image_array(image), image.rgb, spec, axis, limits,
+                            self.session.data_key(image))
+
+        def on_progress(progress: tuple[int, int]) -> None:
+            if not self._closed:
+                self._status.value = f"Embedding the stack: slice {progress[0]} of {progress[1]}..."
+
+        def on_returned(computed: int) -> None:
+            if not self._closed:
+                self._status.value = f"Stack embedded ({computed} new slice embedding(s), axis {axis})."
+
+        def on_finished() -> None:
+            self._precompute_worker = None
+            if not self._closed:
+                self._precompute_btn.text = PRECOMPUTE_TEXT
+
+        def on_errored(error: BaseException) -> None:
+            if not self._closed:
+                self._status.show_error(f"Error: {describe_error(error)}")
+
+        self._precompute_btn.text = "Stop embedding the stack"
+        self._precompute_worker = self.session.run(
+            precompute_steps, stack, task="Embed the stack", yielded=on_progress, returned=on_returned,
+            errored=on_errored, finished=on_finished,
+        )
+        return self._precompute_worker
 
     def undo(self, _: Any = None) -> None:
         """Undo the last commit into the output layer."""
@@ -731,3 +787,4 @@ KEYS = {
     "V": "segment_in_volume",
 }
 VOLUME_TEXT = "Segment object in volume [V]"
+PRECOMPUTE_TEXT = "Embed the whole stack"

@@ -7,7 +7,7 @@ from typing import Any, Union
 from napari.layers import Image, Labels, Points, Shapes
 
 from ..interactive.engine import SamEngine, display_rgb
-from ..interactive.volume_object import propagate_object_steps, propagation_axis
+from ..interactive.volume_object import StackSlices, propagate_object_steps, propagation_axis
 from ..models import as_spec
 from ..utils.progress import drain
 from . import _layers
@@ -142,9 +142,8 @@ def segment(
                 f"volume=True segments one object (got {len(masks)} from the prompts) and commits it (commit=True)."
             )
         axis = propagation_axis(spec, viewer.dims.last_used)
-        masks = drain(propagate_object_steps(
-            engine, array, image.rgb, spec, axis, masks[0], limits, session.data_key(image)
-        ))
+        stack = StackSlices(engine, array, image.rgb, spec, axis, limits, session.data_key(image))
+        masks = drain(propagate_object_steps(stack, masks[0]))
 
     if not commit:
         return CurrentObject(viewer).show(image, spec, masks)

@@ -31,52 +31,90 @@ def propagation_axis(spec: SliceSpec, preferred: Optional[int] = None) -> int:
     return int(preferred) if preferred in candidates else candidates[-1]
 
 
-def propagate_object_steps(
-    engine: SamEngine,
-    data: Any,
-    rgb: bool,
-    spec: SliceSpec,
-    axis: int,
-    mask: np.ndarray,
-    contrast_limits: Optional[Sequence[float]],
-    data_key: Hashable,
-    settings: Any = None,
-) -> Generator[Any, None, np.ndarray]:
-    """Propagate ``mask`` (the object on ``spec``'s slice) along ``axis``.
-
-    A generator: yields :class:`napari_sam.volume.VolumeProgress` per encoder step and per
-    slice (closing it stops between steps) and returns (N, H, W) bool masks, N =
-    ``spec.shape[axis]``, in the slice's (row, col) frame, for
-    :func:`napari_sam.interactive.history.plan_volume_commit`.
+class StackSlices:
+    """The slices of an image layer along one axis, as the widget sees and caches them.
 
     Args:
-        engine: the session's engine (model, cache); embeddings are cached under the same keys
-            as the widget's.
+        engine: the session's engine (its cache keys are the widget's).
         data: the image layer's data; ``rgb``: it has a trailing RGB(A) axis.
-        spec: the slice the object was prompted on; ``axis``: a non-displayed axis.
-        mask: HxW bool, the object on that slice.
+        spec: one slice; the others differ from it on ``axis`` only.
+        axis: a non-displayed axis.
         contrast_limits: the layer's (low, high) display mapping, used for every slice.
         data_key: the session's key of the layer data (identity and version).
+    """
+
+    def __init__(
+        self, engine: SamEngine, data: Any, rgb: bool, spec: SliceSpec, axis: int,
+        contrast_limits: Optional[Sequence[float]], data_key: Hashable,
+    ) -> None:
+        self.engine, self.data, self.rgb, self.spec, self.axis = engine, data, rgb, spec, axis
+        self.contrast_limits, self.data_key = contrast_limits, data_key
+
+    def __len__(self) -> int:
+        return self.spec.shape[self.axis]
+
+    def slice_at(self, position: int) -> SliceSpec:
+        return replace(self.spec, index=tuple(int(position) if a == self.axis else v
+                                              for a, v in enumerate(self.spec.index)))
+
+    def rgb_slice(self, position: int) -> np.ndarray:
+        """Slice ``position`` as displayed: HxWx3 uint8."""
+        return display_rgb(self.slice_at(position).take(self.data, rgb=self.rgb), self.contrast_limits, self.rgb)
+
+    def cache_key(self, position: int) -> Hashable:
+        return self.engine.cache_key(self.data_key, self.slice_at(position).key, self.contrast_limits)
+
+    def embedder(self) -> Any:
+        """slice -> embedding generator, through the engine's cache (:func:`napari_sam.volume.engine_embedder`)."""
+        from ..volume import engine_embedder
+
+        return engine_embedder(self.engine, self.rgb_slice, self.cache_key)
+
+
+def precompute_steps(stack: StackSlices) -> Generator[tuple[int, int], None, int]:
+    """Compute the embedding of every slice of ``stack`` not yet in the engine's cache.
+
+    A generator: yields ``(slices_done, slices_total)`` after each slice (closing it stops
+    there) and returns how many embeddings were computed. The cache is bounded
+    (:data:`~napari_sam.interactive.engine.DEFAULT_CACHE_BYTES`): on a stack whose embeddings
+    do not all fit, the oldest are dropped again.
+    """
+    from ..utils.progress import drain
+
+    stack.engine.adopt_thread_settings()
+    stack.engine.ensure_model()
+    embed, computed = stack.embedder(), 0
+    for position in range(len(stack)):
+        if stack.cache_key(position) not in stack.engine.cache:
+            drain(embed(position))
+            computed += 1
+        yield position + 1, len(stack)
+    return computed
+
+
+def propagate_object_steps(
+    stack: StackSlices, mask: np.ndarray, settings: Any = None,
+) -> Generator[Any, None, np.ndarray]:
+    """Propagate ``mask`` (the object on ``stack.spec``'s slice) along ``stack.axis``.
+
+    A generator: yields :class:`napari_sam.volume.VolumeProgress` per encoder step and per
+    slice (closing it stops between steps) and returns (N, H, W) bool masks, N = ``len(stack)``,
+    in the slice's (row, col) frame, for :func:`napari_sam.interactive.history.plan_volume_commit`.
+    Embeddings come from, and go to, the engine's cache under the widget's keys.
+
+    Args:
+        stack: the slices (:class:`StackSlices`).
+        mask: HxW bool, the object on ``stack.spec``'s slice.
         settings: :class:`napari_sam.volume.PropagationSettings` (default: its defaults).
     """
     from ..predictor import SamPredictor
-    from ..volume import engine_embedder, propagation_steps
+    from ..volume import propagation_steps
 
-    def slice_at(position: int) -> SliceSpec:
-        return replace(spec, index=tuple(int(position) if a == axis else v for a, v in enumerate(spec.index)))
-
-    def rgb_slice(position: int) -> np.ndarray:
-        return display_rgb(slice_at(position).take(data, rgb=rgb), contrast_limits, rgb)
-
-    def cache_key(position: int) -> Hashable:
-        return engine.cache_key(data_key, slice_at(position).key, contrast_limits)
-
+    engine = stack.engine
     engine.adopt_thread_settings()
     model = engine.ensure_model()
     # Its own predictor: the widget's live predictions keep using the engine's meanwhile.
     predictor = SamPredictor(model, precision=engine.precision)
-    result = yield from propagation_steps(
-        predictor, spec.shape[axis], {spec.index[axis]: np.asarray(mask, dtype=bool)},
-        engine_embedder(engine, rgb_slice, cache_key), settings,
-    )
+    anchors = {stack.spec.index[stack.axis]: np.asarray(mask, dtype=bool)}
+    result = yield from propagation_steps(predictor, len(stack), anchors, stack.embedder(), settings)
     return result.masks
