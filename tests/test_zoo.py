@@ -5,15 +5,15 @@ through the same path as the real files, with progress, cache, menu status and c
 
 from __future__ import annotations
 
-import http.server
 import re
 import sys
-import threading
 import types
 
 import pooch
 import pytest
 import torch
+
+from test_checkpoints import _Server  # the local weights server (same folder, imported by name)
 
 from napari_sam import build_sam, sam_model_registry
 from napari_sam.cli import build_parser
@@ -121,38 +121,6 @@ def _torch_em_bytes(tmp_path, state: dict) -> bytes:
         del sys.modules[_FAKE_MODULE]
         TrainerConfig.__module__ = __name__
     return path.read_bytes()
-
-
-class _Server:
-    def __init__(self, files: dict[str, bytes]) -> None:
-        self.requests: list[str] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                outer.requests.append(self.path)
-                body = files.get(self.path.lstrip("/"))
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self._httpd.server_port}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
 
 
 @pytest.fixture
