@@ -67,13 +67,11 @@ class SamOnnxModel(nn.Module):
         return_extra_metrics: bool = False,
     ) -> None:
         super().__init__()
-        self.mask_decoder = model.mask_decoder
-        self.model = model
+        self.model, self.mask_decoder = model, model.mask_decoder
         self.img_size = model.image_encoder.img_size
-        self.return_single_mask = return_single_mask
-        self.use_stability_score = use_stability_score
-        self.stability_score_offset = 1.0
-        self.return_extra_metrics = return_extra_metrics
+        # What the exported graph returns (see forward): one mask or all, which score, extras.
+        self.return_single_mask, self.return_extra_metrics = return_single_mask, return_extra_metrics
+        self.use_stability_score, self.stability_score_offset = use_stability_score, 1.0
 
     @staticmethod
     def resize_longest_image_size(input_image_size: torch.Tensor, longest_side: int) -> torch.Tensor:
