@@ -185,3 +185,15 @@ def test_embed_the_whole_stack_fills_the_cache_for_every_slice(qtbot, stack_widg
     widget.segment_in_volume()
     qtbot.waitUntil(lambda: widget.volume_worker is None, timeout=WAIT_MS)
     assert widget.engine.embeddings_computed == before and widget.output_layer.data.any()
+
+
+def test_the_commit_message_stays_after_the_prompts_are_cleared(qtbot, stack_widget):
+    viewer, image, widget, truth = stack_widget
+    prompt_middle_slice(qtbot, viewer, widget)
+    widget.commit()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    qtbot.wait(300)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    assert widget._status.value.startswith("Committed label(s) 1")  # not "Embedding ready"
+    prompt_middle_slice(qtbot, viewer, widget)  # new prompts: the current object is reported again
+    assert widget._status.value.startswith("Current: 1 object")

@@ -126,6 +126,7 @@ class SamWidget(Container):
         self._running: Optional[_Request] = None
         self._pending: Optional[_Request] = None
         self._commit_when_ready = False
+        self._outcome_shown = False
         self._ensuring = False
         self._resetting = False
         self._negative_mode = False
@@ -473,8 +474,10 @@ class SamWidget(Container):
         if self.engine.needs_loading:
             spec = self.engine.spec
             self._status.value = f"Loading {spec.label if spec is not None else 'the model'}..."
+            self._outcome_shown = False
         elif request.cache_key(self.engine) not in self.engine.cache:
             self._status.value = "Computing the image embedding..."
+            self._outcome_shown = False
         self._started_model_version = self.session.model_version
         # Progress goes to the widget's status line, not to a napari ``progress`` bar: that
         # bar shows an animated activity indicator whose repaints (the whole window is
@@ -536,10 +539,11 @@ class SamWidget(Container):
             return  # superseded by a newer request
         self._current.show(request.image, request.spec, masks)
         n = len(masks)
-        self._status.value = (
-            f"Current: {n} object(s) from the prompts, not committed yet (C commits)." if n
-            else "Embedding ready: add points or boxes."
-        )
+        if n:
+            self._status.value = f"Current: {n} object(s) from the prompts, not committed yet (C commits)."
+            self._outcome_shown = False
+        elif not self._outcome_shown:  # the prompts were cleared by a commit: keep saying what it did
+            self._status.value = "Embedding ready: add points or boxes."
         if self._commit_when_ready:
             self._commit_when_ready = False
             self.commit()
@@ -586,7 +590,7 @@ class SamWidget(Container):
         if edit is None:
             self._status.value = "Nothing new to commit (the pixels already carry labels)."
             return None
-        self._status.value = f"Committed label(s) {', '.join(map(str, edit.ids))} into {output.name!r}."
+        self._show_outcome(f"Committed label(s) {', '.join(map(str, edit.ids))} into {output.name!r}.")
         self.clear_prompts()
         return edit.ids
 
@@ -646,7 +650,7 @@ class SamWidget(Container):
                 self._status.value = "Nothing new to commit (the pixels already carry labels)."
                 return
             slices = np.flatnonzero(masks.reshape(len(masks), -1).any(axis=1))
-            self._status.value = (
+            self._show_outcome(
                 f"Committed label {edit.ids[0]} on {len(slices)} slice(s), {slices.min()} to {slices.max()} "
                 f"of axis {axis}, into {output.name!r} (U undoes it)."
             )
@@ -654,7 +658,7 @@ class SamWidget(Container):
 
         def on_aborted() -> None:
             if not self._closed:
-                self._status.value = "Propagation cancelled: nothing committed."
+                self._show_outcome("Propagation cancelled: nothing committed.")
 
         def on_finished() -> None:
             self._volume_worker = None
@@ -704,7 +708,7 @@ class SamWidget(Container):
 
         def on_returned(computed: int) -> None:
             if not self._closed:
-                self._status.value = f"Stack embedded ({computed} new slice embedding(s), axis {axis})."
+                self._show_outcome(f"Stack embedded ({computed} new slice embedding(s), axis {axis}).")
 
         def on_finished() -> None:
             self._precompute_worker = None
@@ -722,15 +726,21 @@ class SamWidget(Container):
         )
         return self._precompute_worker
 
+    def _show_outcome(self, message: str) -> None:
+        """Say what an action did; the status keeps it until new prompts give an object or
+        an embedding is computed (the prediction that follows a commit does not replace it)."""
+        self._status.value = message
+        self._outcome_shown = True
+
     def undo(self, _: Any = None) -> None:
         """Undo the last commit into the output layer."""
         edit = undo_commit(self.session, self.output_layer)
-        self._status.value = f"Undid label(s) {edit.ids}." if edit else "Nothing to undo."
+        self._show_outcome(f"Undid label(s) {edit.ids}." if edit else "Nothing to undo.")
 
     def redo(self, _: Any = None) -> None:
         """Redo the last undone commit."""
         edit = redo_commit(self.session, self.output_layer)
-        self._status.value = f"Redid label(s) {edit.ids}." if edit else "Nothing to redo."
+        self._show_outcome(f"Redid label(s) {edit.ids}." if edit else "Nothing to redo.")
 
     def clear_prompts(self, _: Any = None) -> None:
         """Remove the points and boxes on the current slice and the current object."""
