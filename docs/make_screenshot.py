@@ -33,6 +33,7 @@ def main() -> None:
     viewer.add_image(data.coins(), name="coins")
     widget = SamWidget(viewer)
     widget._picker._model.value = "vit_small"
+    widget.native.setMaximumWidth(520)  # leave the canvas most of the window
     viewer.window.add_dock_widget(widget, name="Segment Anything")
     app = QApplication.instance()
 
