@@ -159,14 +159,9 @@ class SamOnnxModel(nn.Module):
         return masks[rows, best].unsqueeze(1), iou_preds[rows, best].unsqueeze(1)
 
     @torch.no_grad()
-    def forward(
-        self,
-        image_embeddings: torch.Tensor,
-        point_coords: torch.Tensor,
-        point_labels: torch.Tensor,
-        mask_input: torch.Tensor,
-        has_mask_input: torch.Tensor,
-        orig_im_size: torch.Tensor,
+    def forward(  # the parameter names are the exported graph's input names (ONNX_INPUT_NAMES)
+        self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
+        mask_input: torch.Tensor, has_mask_input: torch.Tensor, orig_im_size: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         """Masks for prompts on one precomputed image embedding.
 
@@ -186,13 +181,10 @@ class SamOnnxModel(nn.Module):
             low_res_masks)``, where stability and area (int64 pixel count above the
             threshold) are of the upscaled masks.
         """
-        sparse = self._embed_points(point_coords, point_labels)
-        dense = self._embed_masks(mask_input, has_mask_input)
+        prompts = (self._embed_points(point_coords, point_labels), self._embed_masks(mask_input, has_mask_input))
+        # All mask tokens, unselected (MaskDecoder.predict_masks: embedding, positional encoding, prompts).
         low_res, scores = self.model.mask_decoder.predict_masks(
-            image_embeddings=image_embeddings,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
+            image_embeddings, self.model.prompt_encoder.get_dense_pe(), *prompts
         )
         threshold = self.model.mask_threshold
         if self.use_stability_score:
