@@ -46,6 +46,11 @@ _EXPORTS = {
     "segment": "napari_sam._napari.api",
     "segment_volume": "napari_sam.volume",
     "segment_volume_automatic": "napari_sam.volume",
+    "TileGrid": "napari_sam.tiling",
+    "TiledPredictor": "napari_sam.tiled_predictor",
+    "TiledAutomaticMaskGenerator": "napari_sam.tiled_amg",
+    "EmbeddingStore": "napari_sam.embedding_store",
+    "StoreMismatchError": "napari_sam.embedding_store",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
