@@ -8,6 +8,10 @@ progress bar. The model is the viewer's session's (shared with the "Segment Anyt
 and ``napari_sam.segment``); the work runs on the session's worker thread and yields after
 every point batch, so the GUI stays responsive and Cancel stops between batches. The result is one Labels layer
 ("<image> automatic", aligned with the image) with one id per mask and a features table.
+
+Large slices are tiled (the "Tiling" setting, as in the "Segment Anything" widget):
+:class:`napari_sam.TiledAutomaticMaskGenerator` segments them tile by tile at native
+resolution, with the embeddings store when one is given.
 """
 
 from __future__ import annotations
@@ -22,18 +26,28 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 
 from ..amg_settings import AmgSettings
-from ..interactive.automatic import AutomaticResult, all_slices, automatic_steps, link_into_objects
-from ..interactive.engine import display_rgb
+from ..tiling import TileGrid
+from ..interactive.automatic import (
+    AutomaticResult, all_slices, automatic_steps, link_into_objects, tiled_automatic_steps,
+)
+from ..interactive.engine import SlicePlane, display_rgb, store_plane_index
 from ..interactive.volume_object import propagation_axis
 from ._errors import describe_error
 from ._layers import current_slice, image_array, raise_prompt_layers, spatial_shape, transform_kwargs
 from ._model_picker import ModelPicker
 from ._session import session_for, unwrap_viewer
 from ._status import StatusArea, add_full_width
+from ._tiling_controls import TilingControls
 
 
 # Step of the float controls; an open upper bound (e.g. crop_overlap_ratio < 1) stops one step short.
 FLOAT_STEP = 0.01
+
+
+def _limits(limits: tuple[float, ...]) -> tuple[float, float]:
+    """A layer's contrast limits as a valid (low, high) mapping (a flat range gets one intensity step)."""
+    low, high = float(limits[0]), float(limits[1])
+    return (low, high) if high > low else (low, low + 1.0)
 
 
 def setting_controls(settings_class: type[AmgSettings] = AmgSettings) -> dict[str, Union[SpinBox, FloatSpinBox]]:
@@ -78,6 +92,7 @@ class AutomaticSegmentationWidget(Container):
         self._picker = ModelPicker(self.session, self._status.show_error)
         self._settings_class = settings_class
         self._settings = setting_controls(settings_class)
+        self._tiling = TilingControls()
         self._model_overrides: dict[str, Any] = {}  # the settings the current model changed
         self._all_slices = CheckBox(text="All slices (nD images)", value=False,
                                     tooltip="Segment every slice along the non-displayed axes, not only the current one.")
@@ -90,7 +105,7 @@ class AutomaticSegmentationWidget(Container):
         self._run = PushButton(text="Run")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(value=0, max=1, label="Progress")
-        self.extend([self._image, *self._picker.widgets, *self._settings.values(),
+        self.extend([self._image, *self._picker.widgets, *self._tiling.widgets, *self._settings.values(),
                      self._all_slices, self._objects_3d, self._run, self._cancel, self._progress])
         add_full_width(self, self._status)
         self._run.changed.connect(self.run)
@@ -102,6 +117,7 @@ class AutomaticSegmentationWidget(Container):
         self._viewer.layers.events.removed.connect(self._image.reset_choices)
         self._worker: Any = None
         self._failed = False
+        self._tiles = 0  # tiles per slice of the running job (set by its worker; 0: untiled)
         self.result_layer: Optional[Labels] = None
 
     def _on_model_changed(self) -> None:
@@ -134,6 +150,11 @@ class AutomaticSegmentationWidget(Container):
     def worker(self) -> Any:
         return self._worker
 
+    @property
+    def tiling(self) -> TilingControls:
+        """The tiling and embeddings-store controls (``tiling.set(mode=..., store=...)`` from scripts)."""
+        return self._tiling
+
     def run(self, _: Any = None) -> Any:
         """Start the automatic segmentation in a background worker; returns the worker."""
         image = self._image.value
@@ -164,26 +185,42 @@ class AutomaticSegmentationWidget(Container):
             return None
         try:
             settings = self.settings()
+            tiling = self._tiling.choice()
         except ValueError as error:
             self._refuse(str(error))
             return None
+        store_path, on_mismatch = self._tiling.store_path, self._tiling.on_mismatch
         data, rgb, limits = image_array(image), bool(image.rgb), tuple(image.contrast_limits)
 
         engine = self.session.engine
 
         def work():
             from ..automatic_mask_generator import SamAutomaticMaskGenerator
+            from ..tiled_amg import TiledAutomaticMaskGenerator
 
-            with engine.lock:
-                engine.adopt_thread_settings()
-                generator = SamAutomaticMaskGenerator(engine.ensure_model(), settings=settings,
-                                                      precision=engine.precision)
-            planes = [(s, display_rgb(s.take(data, rgb=rgb), limits, rgb)) for s in slices]
-            result = yield from engine.locked(automatic_steps(generator, planes))
+            model = engine.ensure_model()  # loads outside the lock
+            plan = tiling.resolve(spec.plane_shape, engine.input_size, store_path is not None)
+            if plan is None:
+                with engine.lock:
+                    engine.adopt_thread_settings()
+                    generator = SamAutomaticMaskGenerator(model, settings=settings, precision=engine.precision)
+                planes = [(s, display_rgb(s.take(data, rgb=rgb), limits, rgb)) for s in slices]
+                result = yield from engine.locked(automatic_steps(generator, planes))
+            else:
+                tile_shape, halo = plan
+                store = engine.embedding_store(store_path, tile_shape, halo, on_mismatch) if store_path else None
+                planes = [(s, SlicePlane(data, s, rgb), store_plane_index(s) if store_path else 0) for s in slices]
+                with engine.lock:
+                    engine.adopt_thread_settings()
+                    generator = TiledAutomaticMaskGenerator(model, tile_shape, halo, settings=settings,
+                                                            precision=engine.precision, store=store)
+                self._tiles = len(TileGrid(spec.plane_shape, tile_shape, halo))
+                result = yield from engine.locked(tiled_automatic_steps(generator, planes, _limits(limits)))
             return link_into_objects(result) if link else result
 
         self._run.enabled, self._cancel.enabled = False, True
         self._failed = False
+        self._tiles = 0
         self._progress.value = 0
         self._status.value = f"Segmenting {len(slices)} slice(s) of {image.name}..."
         self._worker = self.session.run(
@@ -207,7 +244,11 @@ class AutomaticSegmentationWidget(Container):
     def _on_progress(self, progress: Any) -> None:
         self._progress.max = max(1, progress.total)
         self._progress.value = progress.done
-        self._status.value = f"Slice {progress.slice_index + 1}/{progress.slices}: {progress.masks} masks so far"
+        tiles = f" ({self._tiles} tiles each)" if self._tiles > 1 else ""
+        self._status.value = (
+            f"Slice {progress.slice_index + 1}/{progress.slices}{tiles}: step {progress.done} of {progress.total}, "
+            f"{progress.masks} masks so far"
+        )
 
     def _on_errored(self, error: BaseException) -> None:
         """The job failed (the session logged it and showed a notification): nothing is written;

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import napari.viewer
 from qtpy.QtCore import QObject, QTimer, Signal
 
-from ..interactive.engine import SamEngine, display_rgb
+from ..interactive.engine import SamEngine, SlicePlane, TileProgress, TilingChoice, display_rgb, store_plane_index
 from ..interactive.prompts import ObjectPrompt, SliceSpec
 from ..interactive.volume_object import StackSlices, precompute_steps, propagate_object_steps, propagation_axis
 from . import _layers
@@ -43,6 +43,7 @@ from ._objects import (
 from ._errors import describe_error
 from ._session import session_for, unwrap_viewer
 from ._status import StatusArea, add_full_width
+from ._tiling_controls import TilingControls
 
 _logger = logging.getLogger(__name__)
 
@@ -84,21 +85,48 @@ class _Request:
     contrast_limits: Optional[tuple[float, float]]
     data_key: Hashable
     objects: list[ObjectPrompt] = field(default_factory=list)
+    tiling: TilingChoice = field(default_factory=TilingChoice)
+    store_path: Optional[str] = None
+    on_mismatch: str = "error"
+    #: set by :func:`compute` when the slice was tiled: (tile_shape, halo, number of tiles)
+    tiled: Optional[tuple[tuple[int, int], tuple[int, int], int]] = None
 
     def cache_key(self, engine: SamEngine) -> Hashable:
         return engine.cache_key(self.data_key, self.spec.key, self.contrast_limits)
+
+    def plan(self, model: Any) -> Optional[tuple[tuple[int, int], tuple[int, int]]]:
+        """(tile_shape, halo) when this request is tiled (or uses a store) with ``model``, else None."""
+        return self.tiling.resolve(self.spec.plane_shape, model.image_encoder.img_size, self.store_path is not None)
 
 
 def compute(engine: SamEngine, request: _Request, download_progress: Any = None):
     """Worker body: load the model if needed, embed the slice unless cached, predict.
 
-    A generator: yields ``(done, total)`` progress during the embedding; returns
-    ``(request, masks)``. Runs on a worker thread; touches no layer.
+    A generator: yields ``(done, total)`` progress during the embedding (a
+    :class:`~napari_sam.interactive.engine.TileProgress` per encoder step of a tile when the
+    slice is tiled); returns ``(request, masks)``. Runs on a worker thread; touches no layer.
+
+    A tiled slice (or one with an embeddings store) goes through
+    :meth:`~napari_sam.interactive.engine.SamEngine.tiled_prediction_steps`: only the tiles that
+    the prompts need are embedded (none without prompts; the store is checked meanwhile).
     """
     engine.adopt_thread_settings()
     if engine.needs_loading:
         engine.ensure_model(download_progress)
     key = request.cache_key(engine)
+    plan = request.plan(engine.ensure_model())
+    if plan is not None:
+        tile_shape, halo = plan
+        plane_index = store_plane_index(request.spec) if request.store_path else 0
+        store = (engine.embedding_store(request.store_path, tile_shape, halo, request.on_mismatch)
+                 if request.store_path else None)
+        plane = SlicePlane(request.data, request.spec, request.rgb)
+        masks = yield from engine.tiled_prediction_steps(
+            plane, request.objects, tile_shape, halo, contrast_limits=request.contrast_limits, store=store,
+            plane_index=plane_index, cache_key=key,
+        )
+        request.tiled = (tile_shape, halo, _tile_count(request.spec.plane_shape, tile_shape, halo))
+        return request, masks
     embedding = engine.cache.get(key)
     if embedding is None:
         plane = request.spec.take(request.data, rgb=request.rgb)
@@ -107,6 +135,12 @@ def compute(engine: SamEngine, request: _Request, download_progress: Any = None)
         engine.cache.put(key, embedding)
     masks = engine.predict_objects(embedding, request.objects) if request.objects else []
     return request, masks
+
+
+def _tile_count(plane_shape: tuple[int, int], tile_shape: tuple[int, int], halo: tuple[int, int]) -> int:
+    from ..tiling import TileGrid
+
+    return len(TileGrid(plane_shape, tile_shape, halo))
 
 
 class SamWidget(Container):
@@ -139,6 +173,7 @@ class SamWidget(Container):
         self._image_combo = ComboBox(label="Image", choices=self._image_choices, nullable=True)
         self._status = StatusArea("Choose an image layer and add prompts.")
         self._picker = ModelPicker(self.session, self._show_model_error)
+        self._tiling = TilingControls(on_change=self.schedule)
         self._points_combo = ComboBox(label="Points", choices=self._points_choices)
         self._boxes_combo = ComboBox(label="Boxes", choices=self._shapes_choices)
         self._output_combo = ComboBox(label="Output", choices=self._labels_choices)
@@ -163,6 +198,7 @@ class SamWidget(Container):
             [
                 self._image_combo,
                 *self._picker.widgets,
+                *self._tiling.widgets,
                 self._points_combo,
                 self._boxes_combo,
                 self._output_combo,
@@ -444,10 +480,20 @@ class SamWidget(Container):
             show_warning(f"{prompts.n_outside} prompt(s) outside the image were ignored.")
         self._last_outside = prompts.n_outside
         limits = tuple(float(v) for v in image.contrast_limits)
+        try:
+            tiling = self._tiling.choice()
+        except ValueError as error:
+            self._status.show_error(str(error))
+            return None
         return _Request(
             next(self._ids), image, _layers.image_array(image), image.rgb, spec, limits, self.session.data_key(image),
-            prompts.objects,
+            prompts.objects, tiling, self._tiling.store_path, self._tiling.on_mismatch,
         )
+
+    @property
+    def tiling(self) -> TilingControls:
+        """The tiling and embeddings-store controls (``tiling.set(mode=..., store=...)`` from scripts)."""
+        return self._tiling
 
     def request_prediction(self) -> Optional[_Request]:
         """Start (or queue) the computation for the current prompts; returns the request."""
@@ -475,7 +521,7 @@ class SamWidget(Container):
             spec = self.engine.spec
             self._status.value = f"Loading {spec.label if spec is not None else 'the model'}..."
             self._outcome_shown = False
-        elif request.cache_key(self.engine) not in self.engine.cache:
+        elif request.plan(self.engine.model) is None and request.cache_key(self.engine) not in self.engine.cache:
             self._status.value = "Computing the image embedding..."
             self._outcome_shown = False
         self._started_model_version = self.session.model_version
@@ -509,8 +555,14 @@ class SamWidget(Container):
     def _on_progress(self, step: tuple[int, int]) -> None:
         if self._closed:
             return
-        done, total = step
-        self._status.value = f"Computing the image embedding: step {done} of {total}..."
+        if isinstance(step, TileProgress):
+            self._status.value = (
+                f"Computing the image embedding of tile {step.tile} of {step.tiles}: step {step.done} of {step.total}..."
+            )
+        else:
+            done, total = step
+            self._status.value = f"Computing the image embedding: step {done} of {total}..."
+        self._outcome_shown = False
 
     def _on_download_progress(self, done: int, total: Optional[int]) -> None:
         if self._closed:
@@ -543,7 +595,14 @@ class SamWidget(Container):
             self._status.value = f"Current: {n} object(s) from the prompts, not committed yet (C commits)."
             self._outcome_shown = False
         elif not self._outcome_shown:  # the prompts were cleared by a commit: keep saying what it did
-            self._status.value = "Embedding ready: add points or boxes."
+            if request.tiled is not None and request.tiled[2] > 1:
+                (th, tw), (hy, hx), count = request.tiled
+                self._status.value = (
+                    f"Tiled: {count} tiles of {th} x {tw} px (halo {hy} px): add points or boxes; "
+                    "only the tiles they need are embedded."
+                )
+            else:
+                self._status.value = "Embedding ready: add points or boxes."
         if self._commit_when_ready:
             self._commit_when_ready = False
             self.commit()

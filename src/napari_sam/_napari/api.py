@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Union
 
 from napari.layers import Image, Labels, Points, Shapes
 
-from ..interactive.engine import SamEngine, display_rgb
+from ..interactive.engine import SamEngine, SlicePlane, TilingChoice, display_rgb, store_plane_index
 from ..interactive.volume_object import StackSlices, propagate_object_steps, propagation_axis
 from ..models import as_spec
 from ..utils.progress import drain
@@ -23,6 +24,16 @@ def _layer(viewer: Any, layer: Any, kind: type, what: str) -> Any:
     if isinstance(layer, str) and layer in viewer.layers and isinstance(viewer.layers[layer], kind):
         return viewer.layers[layer]
     raise ValueError(f"{what} must be a napari {kind.__name__} layer or its name, got {layer!r}.")
+
+
+def _store_tiling(store: Any) -> Any:
+    """(tile_shape, halo) of an open embedding store, None for a path or no store."""
+    if store is None or isinstance(store, (str, os.PathLike)):
+        return None
+    tile_shape, halo = getattr(store, "tile_shape", None), getattr(store, "halo", None)
+    if tile_shape is None or halo is None:
+        raise ValueError(f"store must be a path or a napari_sam.EmbeddingStore, got {store!r}.")
+    return tuple(int(v) for v in tile_shape), tuple(int(v) for v in halo)
 
 
 def _engine_for(session: SegmentationSession, model: Any, device: str) -> SamEngine:
@@ -58,6 +69,8 @@ def segment(
     device: str = "auto",
     commit: bool = True,
     volume: bool = False,
+    tiling: str = "auto",
+    store: Any = None,
 ) -> Labels:
     """Segment the objects prompted on the current slice, synchronously, and return the Labels.
 
@@ -86,14 +99,26 @@ def segment(
         volume: segment the prompted object (exactly one) through the stack or time-lapse:
             propagated from the current slice along the last-moved (or last) slider axis
             (:mod:`napari_sam.volume`), committed as one object with one id (needs
-            ``commit=True``).
+            ``commit=True``). The propagation embeds whole slices (untiled).
+        tiling: "auto" (tile a slice whose long side exceeds 1.5x the model's input size),
+            "on" or "off", as the widgets' "Tiling" setting; each object is predicted from the
+            one tile its prompt needs (:class:`napari_sam.TiledPredictor`), embedded at the
+            model's input size with a halo of an eighth, through the viewer's embedding cache.
+        store: an embeddings store: the path of a ``.zarr`` folder (opened for the model and
+            the tiling, created when missing) or an open :class:`napari_sam.EmbeddingStore`
+            (its tile shape and halo are used); embeddings are read from it when present and
+            written to it when computed. With tiling off, the store holds each slice as one
+            tile. Slices of a stack are its planes over the last two axes (index in C order).
 
     Returns:
         The Labels layer that received the objects.
 
     Raises:
         ValueError: no viewer, no image layer, no prompts on the current slice, a 3-D view, a
-            bad layer argument or no model; with ``volume``: not one object, or no slices.
+            bad layer argument or no model; with ``volume``: not one object, or no slices; an
+            unknown ``tiling``; a store with a view other than the last two axes.
+        napari_sam.StoreMismatchError: the store holds another model's, tiling's or image's
+            embeddings (a ValueError).
         FileNotFoundError, napari_sam.CheckpointError, RuntimeError: the model cannot be loaded.
     """
     if viewer is None:
@@ -126,16 +151,29 @@ def segment(
             f"No prompts on the current slice of {image.name!r}: add positive points or boxes "
             f"({prompts.n_outside} prompt(s) lay outside the image)."
         )
+    choice = TilingChoice(tiling)
     session = session_for(viewer)
     engine = _engine_for(session, model, device)
     limits = tuple(float(v) for v in image.contrast_limits)
     array = _layers.image_array(image)
     key = engine.cache_key(session.data_key(image), spec.key, limits)
-    embedding = engine.cache.get(key)
-    if embedding is None:
-        rgb = display_rgb(spec.take(array, rgb=image.rgb), limits, image.rgb)
-        embedding = engine.embed(rgb, key)
-    masks = engine.predict_objects(embedding, prompts.objects)
+    plan = _store_tiling(store) or choice.resolve(spec.plane_shape, engine.input_size, store is not None)
+    if plan is not None:
+        tile_shape, halo = plan
+        opened = store
+        if store is not None and isinstance(store, (str, os.PathLike)):
+            opened = engine.embedding_store(store, tile_shape, halo)
+        plane_index = store_plane_index(spec) if store is not None else 0
+        masks = drain(engine.tiled_prediction_steps(
+            SlicePlane(array, spec, image.rgb), prompts.objects, tile_shape, halo, contrast_limits=limits,
+            store=opened, plane_index=plane_index, cache_key=key,
+        ))
+    else:
+        embedding = engine.cache.get(key)
+        if embedding is None:
+            rgb = display_rgb(spec.take(array, rgb=image.rgb), limits, image.rgb)
+            embedding = engine.embed(rgb, key)
+        masks = engine.predict_objects(embedding, prompts.objects)
     if volume:
         if not commit or len(masks) != 1:
             raise ValueError(

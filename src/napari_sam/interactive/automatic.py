@@ -6,12 +6,16 @@ slices as they are displayed (contrast limits applied, see
 image: mask *i* of a slice (in the generator's record order) gets id ``offset + i + 1``;
 where masks overlap, the **smaller mask stays visible** (larger masks are painted first).
 A features table gives every id's predicted IoU, stability score, area and bbox.
+
+Large slices are segmented tile by tile (:func:`tiled_automatic_steps`, with
+:class:`napari_sam.TiledAutomaticMaskGenerator`), reading each slice lazily and showing
+progress over tiles and point batches.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Generator, Sequence
+from typing import Any, Generator, Optional, Sequence
 
 import numpy as np
 
@@ -104,6 +108,55 @@ def automatic_steps(
             runner.close()
         done += per_slice
         labels, features = records_to_labels(records, rgb.shape[:2], offset)
+        offset += len(records)
+        result.slices.append(spec)
+        result.labels.append(labels)
+        for name in FEATURE_COLUMNS:
+            result.features[name].extend(features[name])
+    return result
+
+
+def tiled_automatic_steps(
+    generator: Any,
+    planes: Sequence[tuple[SliceSpec, Any, int]],
+    contrast_limits: Optional[Sequence[float]] = None,
+    offset: int = 0,
+) -> Generator[AutomaticProgress, None, AutomaticResult]:
+    """Segment every given slice tile by tile, yielding progress over tiles and point batches.
+
+    Args:
+        generator: a :class:`napari_sam.TiledAutomaticMaskGenerator` (``binary_mask`` output).
+        planes: (slice, HxW or HxWxC image of the slice, plane index in the generator's
+            embedding store) triples; the image is the layer's data as it is (any real dtype;
+            a lazy :class:`~napari_sam.interactive.engine.SlicePlane` is read tile by tile).
+        contrast_limits: the layer's (low, high) display mapping, the same for every slice and
+            tile (ignored for uint8 data).
+        offset: ids start after this value.
+
+    Returns:
+        An :class:`AutomaticResult` (records in the full slice's frame, painted as
+        :func:`records_to_labels` does). Closing the generator cancels between steps.
+    """
+    done = 0
+    result = AutomaticResult(slices=[], labels=[])
+    for index, (spec, plane, plane_index) in enumerate(planes):
+        runner = generator.generate_iter(plane, contrast_limits, plane_index=plane_index)
+        per_slice = 0
+        try:
+            while True:
+                try:
+                    progress = next(runner)
+                except StopIteration as stop:
+                    records = stop.value
+                    break
+                per_slice = int(progress.total)
+                masks = getattr(progress, "masks_so_far", getattr(progress, "masks", 0))
+                yield AutomaticProgress(done + int(progress.done), per_slice * len(planes), index, len(planes),
+                                        int(masks or 0))
+        finally:
+            runner.close()
+        done += per_slice
+        labels, features = records_to_labels(records, spec.plane_shape, offset)
         offset += len(records)
         result.slices.append(spec)
         result.labels.append(labels)

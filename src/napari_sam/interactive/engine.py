@@ -10,14 +10,22 @@ and tests drive it synchronously.
   after every encoder block (:meth:`napari_sam.SamPredictor.embedding_steps`), and predicts one
   mask per :class:`~napari_sam.interactive.prompts.ObjectPrompt` through
   :meth:`napari_sam.SamPredictor.set_image_embedding`.
+* Large slices are tiled (:class:`TilingChoice` decides: "auto", "on", "off"):
+  :meth:`SamEngine.tiled_prediction_steps` embeds only the tile that answers each object's
+  prompt (:class:`napari_sam.TiledPredictor`), through the same cache (keys: the slice's key,
+  the tiling, the tile index) and an optional embedding store
+  (:meth:`SamEngine.embedding_store`, one :class:`napari_sam.EmbeddingStore` per path, model,
+  tile shape and halo).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Generator, Hashable, Optional, Sequence, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Generator, Hashable, NamedTuple, Optional, Sequence, TypeVar
 
 import numpy as np
 
@@ -25,7 +33,7 @@ from ..models.registry import ModelSpec
 from ..utils.image import to_rgb_uint8
 from ..utils.labels import paint_masks
 from ..utils.progress import drain
-from .prompts import ObjectPrompt
+from .prompts import ObjectPrompt, SliceSpec
 
 if TYPE_CHECKING:
     from ..predictor import ImageEmbedding, SamPredictor
@@ -115,6 +123,135 @@ def display_rgb(plane: np.ndarray, contrast_limits: Optional[Sequence[float]], r
     return to_rgb_uint8(plane, limits)
 
 
+TILING_MODES = ("auto", "on", "off")
+
+Pair = tuple[int, int]
+
+
+def _pair_or_none(value: Any, name: str) -> Optional[Pair]:
+    if value is None:
+        return None
+    if isinstance(value, (int, np.integer)):
+        return (int(value), int(value))
+    items = tuple(int(v) for v in value)
+    if len(items) != 2:
+        raise ValueError(f"{name} must be None, an int or a (y, x) pair, got {value!r}.")
+    return (items[0], items[1])
+
+
+@dataclass(frozen=True)
+class TilingChoice:
+    """Whether and how a slice is tiled: the "Tiling" setting of the widgets and ``segment()``.
+
+    Args:
+        mode: "auto" (tile when :func:`napari_sam.tiling.needs_tiling` says so: the slice's long
+            side exceeds 1.5x the model's input size), "on" (always) or "off" (never).
+        tile_shape: (th, tw) (or an int) of each embedded crop, halo included; None: the
+            model's input size (:func:`napari_sam.tiling.default_tile_shape`).
+        halo: (hy, hx) (or an int) of context around each tile's core; None: an eighth of the
+            tile shape (:func:`napari_sam.tiling.default_halo`).
+
+    Raises:
+        ValueError: an unknown mode or a malformed size.
+    """
+
+    mode: str = "auto"
+    tile_shape: Optional[Pair] = None
+    halo: Optional[Pair] = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in TILING_MODES:
+            raise ValueError(f"tiling must be one of {TILING_MODES}, got {self.mode!r}.")
+        object.__setattr__(self, "tile_shape", _pair_or_none(self.tile_shape, "tile_shape"))
+        object.__setattr__(self, "halo", _pair_or_none(self.halo, "halo"))
+
+    def resolve(self, plane_shape: Sequence[int], input_size: int, with_store: bool = False) -> Optional[tuple[Pair, Pair]]:
+        """The (tile_shape, halo) to use on a slice of (H, W) ``plane_shape``, or None for the untiled path.
+
+        Args:
+            plane_shape: (H, W) of the slice.
+            input_size: the model's input long side (``sam.image_encoder.img_size``).
+            with_store: an embedding store is in use. Untiled work with a store uses one tile
+                that is the whole slice (tile shape = the slice's shape, no halo: exactly the
+                untiled embedding), so that the store holds it.
+
+        Returns:
+            ((th, tw), (hy, hx)), or None when the slice is embedded whole without a store
+            (the plain path, unchanged).
+        """
+        from ..tiling import default_halo, default_tile_shape, needs_tiling
+
+        plane = (int(plane_shape[0]), int(plane_shape[1]))
+        tiled = self.mode == "on" or (self.mode == "auto" and needs_tiling(plane, input_size))
+        if not tiled:
+            return (plane, (0, 0)) if with_store else None
+        tile = self.tile_shape or default_tile_shape(input_size)
+        return tile, (self.halo if self.halo is not None else default_halo(tile))
+
+
+class TileProgress(NamedTuple):
+    """Progress of a tile's embedding: encoder step ``done`` of ``total`` on tile ``tile``
+    (1-based) of ``tiles`` in the slice's grid."""
+
+    done: int
+    total: int
+    tile: int
+    tiles: int
+
+
+class SlicePlane:
+    """One 2-D slice of nD layer data as a lazy HxW(xC) array: only the pixels asked for are read.
+
+    What :class:`napari_sam.tiling.TileEmbeddings` needs of an image (``shape``, ``dtype``,
+    indexing by two slices), so that embedding one tile of a slide scan (or of a zarr / dask
+    layer) reads that tile's crop, not the whole slice.
+
+    Args:
+        data: the layer data, shape ``spec.shape`` (plus a trailing channel axis when ``rgb``).
+        spec: the slice.
+        rgb: the data has a trailing RGB(A) channel axis.
+    """
+
+    def __init__(self, data: Any, spec: SliceSpec, rgb: bool) -> None:
+        self.data, self.spec, self.rgb = data, spec, bool(rgb)
+        self.shape = tuple(spec.plane_shape) + ((int(data.shape[-1]),) if self.rgb else ())
+        self.dtype = np.dtype(data.dtype)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, slice) for k in key)):
+            return np.asarray(self)[key]
+        rows, cols = key
+        index = [rows if axis == self.spec.row_axis else cols if axis == self.spec.col_axis else value
+                 for axis, value in enumerate(self.spec.index)]
+        plane = np.asarray(self.data[tuple(index)])
+        if self.spec.row_axis > self.spec.col_axis:  # transposed display, as SliceSpec.take
+            plane = np.swapaxes(plane, 0, 1)
+        return plane
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        plane = self.spec.take(self.data, rgb=self.rgb)
+        return plane if dtype is None else plane.astype(dtype)
+
+
+def store_plane_index(spec: SliceSpec) -> int:
+    """The plane of an embedding store that holds ``spec``'s slice.
+
+    A store holds the planes of the image's last two spatial axes, numbered in C order over
+    the other axes (0 for a 2-D image; ``t * Z + z`` for (T, Z, Y, X)).
+
+    Raises:
+        ValueError: the displayed axes are not the last two (e.g. an orthogonal view of a stack).
+    """
+    if sorted(spec.displayed) != [spec.ndim - 2, spec.ndim - 1]:
+        raise ValueError(
+            "An embedding store holds slices of the image's last two axes; the viewer shows axes "
+            f"{spec.displayed} of a {spec.ndim}-D image. Show the last two axes, or clear the embeddings store field."
+        )
+    others = spec.shape[:-2]
+    return int(np.ravel_multi_index(spec.index[:-2], others)) if others else 0
+
+
 class SamEngine:
     """One model, its embedding cache, and mask predictions for object prompts.
 
@@ -140,6 +277,7 @@ class SamEngine:
         self.spec = spec
         self.model = model
         self.cache = EmbeddingCache(cache_bytes)
+        self._stores: dict[Hashable, Any] = {}  # (path, model, tile shape, halo, on_mismatch) -> EmbeddingStore
         self.lock = threading.RLock()
         self.embeddings_computed = 0
         self._model_serial = 0 if model is None else 1
@@ -159,6 +297,7 @@ class SamEngine:
                 self._predictor = None
                 self._choice_serial += 1
                 self.cache.clear()
+                self._stores.clear()
 
     def set_model(self, model: Any) -> None:
         """Use an already built ``Sam`` module."""
@@ -169,6 +308,7 @@ class SamEngine:
             self._model_serial += 1
             self._choice_serial += 1
             self.cache.clear()
+            self._stores.clear()
 
     @property
     def needs_loading(self) -> bool:
@@ -227,6 +367,11 @@ class SamEngine:
             return self._predictor
 
     @property
+    def input_size(self) -> int:
+        """The model's input long side (1024 for the official models, 256 for ``vit_small``); loads it."""
+        return int(self.ensure_model().image_encoder.img_size)
+
+    @property
     def model_key(self) -> Hashable:
         return (self.spec, self._model_serial)
 
@@ -280,6 +425,107 @@ class SamEngine:
             self.cache.put(key, embedding)
         return embedding
 
+    # -- tiles and stores ---------------------------------------------------------------------
+    def embedding_store(self, path: "os.PathLike[str] | str", tile_shape: Pair, halo: Pair,
+                        on_mismatch: str = "error") -> Any:
+        """The :class:`napari_sam.EmbeddingStore` at ``path`` for this model and tiling, opened once.
+
+        One store object is kept per (absolute path, model, tile shape, halo, ``on_mismatch``),
+        so a session writes and reads through the same object; another model or tiling opens
+        the path again (and the store says whether it fits). Changing the model forgets them.
+
+        Raises:
+            napari_sam.StoreMismatchError: the store holds another model's or tiling's embeddings
+                (with ``on_mismatch="error"``); what the store raises for an unusable path.
+        """
+        from ..embedding_store import EmbeddingStore
+
+        model = self.ensure_model()
+        tile, margin = _pair_or_none(tile_shape, "tile_shape"), _pair_or_none(halo, "halo")
+        key = (os.path.abspath(os.fspath(path)), self.model_key, tile, margin, on_mismatch)
+        with self.lock:
+            store = self._stores.get(key)
+            if store is None:
+                model_type = self.spec.model_type if self.spec is not None else None
+                store = EmbeddingStore(os.fspath(path), model, model_type=model_type, tile_shape=tile, halo=margin,
+                                       on_mismatch=on_mismatch)
+                self._stores[key] = store
+            return store
+
+    def tiled_predictor(self, tile_shape: Pair, halo: Pair, store: Any = None) -> Any:
+        """A new :class:`napari_sam.TiledPredictor` of the current model that keeps its tile
+        embeddings in this engine's cache (one per job, so jobs never share an image)."""
+        from ..tiled_predictor import TiledPredictor
+
+        model = self.ensure_model()
+        with self.lock:
+            return TiledPredictor(model, tile_shape=tile_shape, halo=halo, store=store, precision=self.precision,
+                                  cache=self.cache)
+
+    def tiled_prediction_steps(
+        self,
+        plane: Any,
+        objects: Sequence[ObjectPrompt],
+        tile_shape: Pair,
+        halo: Pair,
+        *,
+        contrast_limits: Optional[Sequence[float]] = None,
+        store: Any = None,
+        plane_index: int = 0,
+        cache_key: Optional[Hashable] = None,
+    ) -> Generator[TileProgress, None, list[np.ndarray]]:
+        """One full-slice mask per object, each predicted from the one tile that answers its prompt.
+
+        Only the tiles that the objects' prompts choose (:func:`napari_sam.tiling.anchor_point`)
+        are embedded, each at most once: from the cache, else the store, else the encoder (then
+        written to both). With no objects nothing is embedded, but the store is checked against
+        the slice (a mismatch is reported before the first click).
+
+        Args:
+            plane: the slice, HxW or HxWxC, any real dtype (e.g. a :class:`SlicePlane`: only the
+                crops of the embedded tiles are read).
+            objects: the objects' prompts in the slice's (x, y) frame.
+            tile_shape, halo: the tiling (from :meth:`TilingChoice.resolve`).
+            contrast_limits: the layer's (low, high) display mapping (ignored for uint8 data).
+            store: an embedding store (:meth:`embedding_store`) or None.
+            plane_index: the store's plane of this slice (:func:`store_plane_index`).
+            cache_key: the slice's cache key (:meth:`cache_key`); the tiling and the tile
+                index are appended to it. None: embeddings are kept by this call only.
+
+        Yields:
+            :class:`TileProgress` after every encoder step (nothing for cached or stored tiles).
+
+        Returns:
+            One HxW bool mask per object, in the slice's frame (the best of 3 for a single point).
+
+        Raises:
+            napari_sam.StoreMismatchError: the store does not fit this image, model or tiling.
+            ValueError: an object without points or box.
+        """
+        predictor = self.tiled_predictor(tile_shape, halo, store)
+        key = None if cache_key is None else (cache_key, ("tiles", tuple(tile_shape), tuple(halo)))
+        with self.lock:
+            self.adopt_thread_settings()
+            predictor.set_image(plane, contrast_limits=contrast_limits, plane_index=plane_index, cache_key=key)
+        grid, embeddings = predictor.grid, predictor.embeddings
+        height, width = int(plane.shape[0]), int(plane.shape[1])
+        masks = []
+        for obj in objects:
+            kwargs = obj.predict_kwargs()
+            tile = predictor.tile_for(kwargs.get("point_coords"), kwargs.get("point_labels"), kwargs.get("box"))
+            before = len(embeddings.computed)
+            yield from self.locked(_tile_progress(predictor.embedding_steps(tile), tile.index + 1, len(grid)))
+            self.embeddings_computed += len(embeddings.computed) - before
+            with self.lock:
+                self.adopt_thread_settings()
+                out, scores, _, offset = predictor.predict(**kwargs, return_crop=True)
+            crop = np.asarray(out[int(np.argmax(scores))], dtype=bool)
+            mask = np.zeros((height, width), dtype=bool)
+            y0, x0 = (int(v) for v in offset)
+            mask[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop
+            masks.append(mask)
+        return masks
+
     # -- predictions --------------------------------------------------------------------------
     def predict_objects(self, embedding: "ImageEmbedding", objects: Sequence[ObjectPrompt]) -> list[np.ndarray]:
         """One HxW bool mask per object (the best of 3 for a single point, else the only one).
@@ -298,6 +544,19 @@ class SamEngine:
                 out, scores, _ = predictor.predict(**obj.predict_kwargs())
                 masks.append(np.asarray(out[int(np.argmax(scores))], dtype=bool))
             return masks
+
+
+def _tile_progress(steps: Generator[Any, None, T], tile: int, tiles: int) -> Generator[TileProgress, None, T]:
+    """A tile's ``(done, total)`` embedding steps as :class:`TileProgress`; closing it closes ``steps``."""
+    try:
+        while True:
+            try:
+                done, total = next(steps)
+            except StopIteration as stop:
+                return stop.value
+            yield TileProgress(done, total, tile, tiles)
+    finally:
+        steps.close()
 
 
 def objects_to_labels(masks: Sequence[np.ndarray], shape: tuple[int, int], dtype: Any = np.uint32) -> np.ndarray:
