@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from ..embedding_store import StoreMismatchError
 from ..models.state_dict import CheckpointError
 from ..models.weights import DownloadError, HashMismatchError
 
@@ -17,6 +18,10 @@ OUT_OF_MEMORY_ADVICE = (
     "or close other programs that use the memory; then run again."
 )
 DOWNLOAD_ADVICE = "Choose another model (e.g. the bundled vit_small) to continue working."
+STORE_ADVICE = (
+    "In the widget: tick 'Recompute mismatched embeddings' to replace them, choose another store, "
+    "or clear the 'Embeddings store' field."
+)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -41,7 +46,8 @@ def describe_error(error: BaseException) -> str:
         For a download failure: why, and where a hand-downloaded file goes (the
         :class:`~napari_sam.models.weights.DownloadError` message) and what to do now; for
         running out of memory: what to change; for a bad checkpoint: why; for anything else
-        (a bug): the exception's type and message.
+        (a bug): the exception's type and message; for an embedding store that does not fit:
+        what differs and how to go on.
     """
     text = str(error).strip()
     if isinstance(error, HashMismatchError):
@@ -51,6 +57,8 @@ def describe_error(error: BaseException) -> str:
     if is_out_of_memory(error):
         first_line = text.splitlines()[0] if text else type(error).__name__
         return f"Out of memory: {first_line}\n{OUT_OF_MEMORY_ADVICE}"
+    if isinstance(error, StoreMismatchError):
+        return f"{text}\n{STORE_ADVICE}"
     if isinstance(error, (CheckpointError, FileNotFoundError)):
         return text or type(error).__name__
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
