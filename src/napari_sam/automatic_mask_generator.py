@@ -38,7 +38,7 @@ import torch
 from .amg_settings import OUTPUT_MODES, AmgSettings  # noqa: F401  (OUTPUT_MODES: re-exported)
 from .modeling import Sam
 from .modeling.prompt_batch_decoder import PromptBatchDecoder
-from .predictor import SamPredictor, autocast_context
+from .predictor import ImageEmbedding, SamPredictor, autocast_context
 from .utils.amg import (
     MaskData,
     area_from_rle,
@@ -229,7 +229,11 @@ class SamAutomaticMaskGenerator:
         return drain(self.generate_iter(image, contrast_limits))
 
     def generate_iter(
-        self, image: np.ndarray, contrast_limits: Optional[Sequence[float]] = None
+        self,
+        image: np.ndarray,
+        contrast_limits: Optional[Sequence[float]] = None,
+        *,
+        image_embedding: Optional[ImageEmbedding] = None,
     ) -> Generator[AmgProgress, None, list[dict[str, Any]]]:
         """Generate masks, yielding an :class:`AmgProgress` after every batch of points.
 
@@ -242,12 +246,27 @@ class SamAutomaticMaskGenerator:
         Args:
             image: as :meth:`generate`.
             contrast_limits: as :meth:`generate`.
+            image_embedding: the embedding of the whole ``image`` (as mapped by
+                ``contrast_limits``), e.g. from a cache or an embedding store
+                (:class:`~napari_sam.tiled_amg.TiledAutomaticMaskGenerator` passes each
+                tile's). Used for the uncropped first crop layer instead of running the image
+                encoder; crops of further layers (``crop_n_layers > 0``) are still embedded.
+                Default None: the encoder embeds the image. Keyword only.
 
         Returns:
             The records of :meth:`generate`.
+
+        Raises:
+            ValueError: ``image_embedding`` computed from an image of another size, or one
+                that does not fit the model (see :meth:`SamPredictor.set_image_embedding`).
         """
         rgb = to_rgb_uint8(image, contrast_limits)
         orig_size = rgb.shape[:2]
+        if image_embedding is not None and tuple(image_embedding.original_size) != tuple(orig_size):
+            raise ValueError(
+                f"image_embedding was computed from an image of (H, W) {tuple(image_embedding.original_size)}; "
+                f"the image is {tuple(orig_size)}."
+            )
         crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
         n_points = [len(self.point_grids[layer]) for layer in layer_idxs]
         total = sum(-(-n // self.points_per_batch) for n in n_points)
@@ -259,7 +278,10 @@ class SamAutomaticMaskGenerator:
                 x0, y0, x1, y1 = crop_box
                 crop = rgb[y0:y1, x0:x1]
                 crop_size = crop.shape[:2]
-                self.predictor.set_image(crop)
+                if image_embedding is not None and layer == 0:
+                    self.predictor.set_image_embedding(image_embedding)
+                else:
+                    self.predictor.set_image(crop)
                 decoder = self.predictor.prompt_batch_decoder()
                 # Grid (normalised x, y) scaled by the crop's (width, height), float64 as the reference.
                 points = self.point_grids[layer] * np.array(crop_size)[None, ::-1]
