@@ -1,0 +1,208 @@
+"""A first click on a 10000 x 10000 RGB image: peak memory and time, computed and read from a store.
+
+For each model (vit_b with random weights: the speed and memory of the real one; the bundled
+vit_small), in fresh processes so that memory figures are the click's own:
+
+1. **compute**: a :class:`napari_sam.TiledPredictor` (default tile shape: the model's input
+   size, halo an eighth) with an empty zarr embedding store; ``set_image`` then one positive
+   point on a small object: the first click embeds one tile (lazily) and predicts (after a
+   warm-up embedding of a small unrelated image, so that torch's first-call costs are not
+   counted as the large image's). Printed: the
+   peak resident memory (RSS) of the process during the click (the kernel's high-water mark
+   reset just before it, ``/proc/self/clear_refs``), the click's time, and the time of one
+   tile embedding (``SamPredictor.set_image`` on one tile-sized crop, measured in the same
+   process after the click), their ratio (goal <= 1.3), and the tiles embedded (goal: 1).
+2. **store**: a new process opens the store written by (1) and clicks the same point: the tile's
+   embedding is read back; its time as a fraction of the compute click (goal <= 0.1) and its
+   peak RSS; the masks are checked equal to those of (1).
+
+Goals (issue 27): peak RSS < 3 GB with vit_b, < 1.5 GB with vit_small.
+
+The image: a uniform grey-blue background with mild noise and thousands of small bright
+discs (radius 6-12 px), like nuclei on a slide scan; made once as a ``.npy`` file that each
+process loads whole into memory (as a napari Image layer holds it: its 0.28 GiB count in
+the peak RSS).
+
+    .venv/bin/python benchmarks/bench_large_image.py [--size 10000] [--models vit_b vit_small] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_image(path: Path, size: int, seed: int = 0) -> tuple[int, int]:
+    """Write the synthetic RGB image to ``path`` (.npy) and return the (x, y) of one object's centre."""
+    rng = np.random.default_rng(seed)
+    image = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(size, size, 3))
+    rows = 1000
+    for y0 in range(0, size, rows):  # in bands: the whole image never needs float memory
+        band = rng.normal(0, 6, size=(min(rows, size - y0), size, 1)).astype(np.float32)
+        band = band + np.array([40, 45, 70], dtype=np.float32)
+        image[y0:y0 + len(band)] = np.clip(band, 0, 255).astype(np.uint8)
+    count = size * size // 20000  # 5000 discs on 10000 x 10000
+    centres = rng.uniform(20, size - 20, size=(count, 2))
+    radii = rng.uniform(6, 12, size=count)
+    colours = rng.uniform(150, 255, size=(count, 3))
+    yy, xx = np.mgrid[-13:14, -13:14]
+    for (cy, cx), radius, colour in zip(centres, radii, colours):
+        y, x = int(cy), int(cx)
+        disc = (yy ** 2 + xx ** 2) <= radius ** 2
+        patch = image[y - 13:y + 14, x - 13:x + 14]
+        patch[disc] = colour.astype(np.uint8)
+    image.flush()
+    y, x = (int(v) for v in centres[0])
+    return x, y
+
+
+def read_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def click(args: argparse.Namespace) -> dict:
+    """One scenario in this process (called in a child): returns the figures."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from napari_sam import EmbeddingStore, SamPredictor, TiledPredictor
+    from napari_sam.models.registry import build_model
+
+    model = build_model(args.model, args.checkpoint) if args.checkpoint else build_model(args.model, None)
+    if args.model == "vit_small":
+        from napari_sam import build_sam
+
+        model = build_sam("vit_small")
+    image = np.load(args.image)
+    x, y = args.point
+    store = EmbeddingStore(args.store, model, model_type=args.model,
+                           tile_shape=model.image_encoder.img_size,
+                           halo=model.image_encoder.img_size // 8)
+    predictor = TiledPredictor(model, store=store)
+    torch.set_grad_enabled(False)
+    # Warm-up: one embedding and one prediction of a small unrelated image (torch's first-call costs
+    # are not the image's; after any earlier click they are paid).
+    warm = SamPredictor(model)
+    warm.set_image(np.full((64, 64, 3), 90, dtype=np.uint8))
+    warm.predict(np.array([[32, 32]]), np.array([1]))
+    del warm
+    baseline = read_kib("VmRSS")
+    reset = reset_peak_rss()
+    start = time.perf_counter()
+    predictor.set_image(image)
+    masks, scores, _ = predictor.predict(np.array([[x, y]]), np.array([1]))
+    elapsed = time.perf_counter() - start
+    peak = read_kib("VmHWM")
+    best = masks[int(np.argmax(scores))]
+    ys, xs = np.nonzero(best)
+    figures = {
+        "model": args.model, "mode": args.mode, "click_s": elapsed, "peak_rss_gib": peak / 2**20,
+        "rss_before_gib": baseline / 2**20, "peak_reset": reset,
+        "tiles_embedded": len(predictor.embeddings.computed), "tiles_loaded": len(predictor.embeddings.loaded),
+        "mask_area": int(best.sum()), "mask_box": [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
+        if len(xs) else None,
+    }
+    np.save(args.masks, best[max(0, y - 64):y + 64, max(0, x - 64):x + 64])
+    if args.mode == "compute":
+        tile = predictor.grid.tile_at(y, x)
+        crop = np.ascontiguousarray(image[tile.crop_slices])
+        single = SamPredictor(model)
+        times = []
+        for _ in range(2):
+            begin = time.perf_counter()
+            single.set_image(crop)
+            times.append(time.perf_counter() - begin)
+        figures["one_tile_embedding_s"] = min(times)
+    return figures
+
+
+def run_child(script_args: list[str]) -> dict:
+    output = subprocess.run([sys.executable, __file__, "--child", *script_args], check=True,
+                            capture_output=True, text=True)
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=10000)
+    parser.add_argument("--models", nargs="+", default=["vit_b", "vit_small"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--image", help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--masks", help=argparse.SUPPRESS)
+    parser.add_argument("--point", type=int, nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(click(args)))
+        return 0
+
+    sys.path.insert(0, str(HERE))
+    from _common import make_random_checkpoint
+
+    work = Path(tempfile.mkdtemp(prefix="bench-large-"))
+    image_path = work / "image.npy"
+    start = time.perf_counter()
+    x, y = make_image(image_path, args.size)
+    print(f"image {args.size} x {args.size} x 3 uint8 ({args.size ** 2 * 3 / 2**30:.2f} GiB) made in "
+          f"{time.perf_counter() - start:.0f} s; click at (x, y) = ({x}, {y}); torch threads {args.threads}; "
+          f"cores {len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.1f}")
+    results = []
+    for model_type in args.models:
+        checkpoint = []
+        if model_type != "vit_small":
+            path = work / f"{model_type}.pth"
+            make_random_checkpoint(model_type, path)
+            checkpoint = ["--checkpoint", str(path)]
+        common = ["--model", model_type, "--image", str(image_path), "--store", str(work / f"{model_type}.zarr"),
+                  "--point", str(x), str(y), "--threads", str(args.threads), *checkpoint]
+        computed = run_child([*common, "--mode", "compute", "--masks", str(work / "a.npy")])
+        stored = run_child([*common, "--mode", "store", "--masks", str(work / "b.npy")])
+        same = bool(np.array_equal(np.load(work / "a.npy"), np.load(work / "b.npy")))
+        ratio = computed["click_s"] / computed["one_tile_embedding_s"]
+        store_ratio = stored["click_s"] / computed["click_s"]
+        goal = 3.0 if model_type != "vit_small" else 1.5
+        print(f"{model_type}: first click {computed['click_s']:.2f} s, one tile embedding "
+              f"{computed['one_tile_embedding_s']:.2f} s: ratio {ratio:.2f} (goal <= 1.3); tiles embedded "
+              f"{computed['tiles_embedded']}; peak RSS {computed['peak_rss_gib']:.2f} GiB (goal < {goal} GB; "
+              f"{computed['rss_before_gib']:.2f} GiB before the click); mask area {computed['mask_area']} px")
+        print(f"{model_type}: from the store: click {stored['click_s']:.3f} s = {store_ratio:.3f} x the computed "
+              f"click (goal <= 0.1); tiles read {stored['tiles_loaded']}, embedded {stored['tiles_embedded']}; "
+              f"peak RSS {stored['peak_rss_gib']:.2f} GiB; masks equal to the computed click: {same}")
+        results.append({"computed": computed, "stored": stored, "ratio": ratio, "store_ratio": store_ratio,
+                        "same_masks": same})
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
