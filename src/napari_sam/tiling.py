@@ -334,6 +334,8 @@ class TileEmbeddings:
         cache: an :class:`~napari_sam.interactive.engine.EmbeddingCache` (or any object with
             ``get(key)`` and ``put(key, embedding)``) shared with others, or None.
         cache_key: the prefix of this image's keys in ``cache`` (the tile index is appended).
+            Without ``cache`` and ``cache_key``, the tiles of this image are kept in a cache of
+            its own, bounded as the engine's (512 MiB, least recently used tiles out).
 
     Attributes:
         computed: tile indices embedded by the encoder, in order (counts lazy work).
@@ -384,7 +386,12 @@ class TileEmbeddings:
         self.cache_key = cache_key
         self.computed: list[int] = []
         self.loaded: list[int] = []
-        self._own: dict[int, object] = {}  # embeddings of this image when no shared cache is given
+        if cache is None or cache_key is None:
+            # Embeddings of this image alone, bounded like the engine's cache (a 10000 px image has
+            # 169 vit_b tiles of 4 MiB): least recently used tiles are dropped and recomputed or re-read.
+            from .interactive.engine import EmbeddingCache
+
+            self._own = EmbeddingCache()
         if store is not None:
             store.check_image(grid, dtype)
 
@@ -411,7 +418,7 @@ class TileEmbeddings:
         if self.cache is not None and self.cache_key is not None:
             self.cache.put((self.cache_key, tile.index), embedding)
         else:
-            self._own[tile.index] = embedding
+            self._own.put(tile.index, embedding)
 
     def steps(self, tile: Tile):
         """The tile's embedding, as a generator that yields ``(steps_done, steps_total)`` while the
