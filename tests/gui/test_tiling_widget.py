@@ -203,3 +203,36 @@ def test_segment_api_tiles_and_uses_the_store(make_napari_viewer, slide, vit_sma
     labels2 = napari_sam.segment(viewer2, image2, "prompts", model=vit_small, store=store, commit=False)
     assert session_for(viewer2).engine.embeddings_computed == 0
     assert np.array_equal(labels2.data > 0, expected)
+
+
+def test_automatic_widget_segments_a_large_slice_tile_by_tile(make_napari_viewer, qtbot, slide, vit_small, tmp_path):
+    from napari_sam import EmbeddingStore, TiledAutomaticMaskGenerator
+    from napari_sam._napari._automatic_widget import AutomaticSegmentationWidget
+    from napari_sam.interactive.automatic import records_to_labels
+
+    image = slide[:512, :512].copy()  # 2x vit_small's input: "auto" tiles it into 3 x 3 tiles
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="slide", contrast_limits=(0, 16000))
+    widget = AutomaticSegmentationWidget(viewer)
+    widget.session.use_model(vit_small)
+    store = tmp_path / "automatic.zarr"
+    widget.tiling.set(store=store)
+    for name, value in dict(points_per_side=6, pred_iou_thresh=0.5, stability_score_thresh=0.7).items():
+        widget._settings[name].value = value
+    messages = []
+    original = widget._on_progress
+    widget._on_progress = lambda progress: (original(progress), messages.append(widget._status.value))
+    worker = widget.run()
+    assert worker is not None
+    with qtbot.waitSignal(worker.finished, timeout=300_000):
+        pass
+    assert not widget._status.is_error, widget._status.value
+    layer = viewer.layers["slide automatic"]
+    generator = TiledAutomaticMaskGenerator(vit_small, settings=widget.settings())
+    records = generator.generate(image, (0, 16000))
+    expected, _ = records_to_labels(records, image.shape)
+    assert len(records) > 3 and np.array_equal(layer.data, expected)
+    assert any(m.startswith("Slice 1/1, tile 9 of 9") for m in messages), messages[-3:]
+    assert widget._progress.value == widget._progress.max
+    # Every tile's embedding went to the store, under the layer's display mapping.
+    assert EmbeddingStore(store, vit_small).completed((0.0, 16000.0)).sum() == 9

@@ -26,7 +26,6 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 
 from ..amg_settings import AmgSettings
-from ..tiling import TileGrid
 from ..interactive.automatic import (
     AutomaticResult, all_slices, automatic_steps, link_into_objects, tiled_automatic_steps,
 )
@@ -117,7 +116,6 @@ class AutomaticSegmentationWidget(Container):
         self._viewer.layers.events.removed.connect(self._image.reset_choices)
         self._worker: Any = None
         self._failed = False
-        self._tiles = 0  # tiles per slice of the running job (set by its worker; 0: untiled)
         self.result_layer: Optional[Labels] = None
 
     def _on_model_changed(self) -> None:
@@ -214,13 +212,11 @@ class AutomaticSegmentationWidget(Container):
                     engine.adopt_thread_settings()
                     generator = TiledAutomaticMaskGenerator(model, tile_shape, halo, settings=settings,
                                                             precision=engine.precision, store=store)
-                self._tiles = len(TileGrid(spec.plane_shape, tile_shape, halo))
                 result = yield from engine.locked(tiled_automatic_steps(generator, planes, _limits(limits)))
             return link_into_objects(result) if link else result
 
         self._run.enabled, self._cancel.enabled = False, True
         self._failed = False
-        self._tiles = 0
         self._progress.value = 0
         self._status.value = f"Segmenting {len(slices)} slice(s) of {image.name}..."
         self._worker = self.session.run(
@@ -244,11 +240,13 @@ class AutomaticSegmentationWidget(Container):
     def _on_progress(self, progress: Any) -> None:
         self._progress.max = max(1, progress.total)
         self._progress.value = progress.done
-        tiles = f" ({self._tiles} tiles each)" if self._tiles > 1 else ""
-        self._status.value = (
-            f"Slice {progress.slice_index + 1}/{progress.slices}{tiles}: step {progress.done} of {progress.total}, "
-            f"{progress.masks} masks so far"
-        )
+        if progress.tiles > 1:
+            self._status.value = (
+                f"Slice {progress.slice_index + 1}/{progress.slices}, tile {progress.tile} of {progress.tiles}: "
+                f"{progress.masks} masks so far"
+            )
+        else:
+            self._status.value = f"Slice {progress.slice_index + 1}/{progress.slices}: {progress.masks} masks so far"
 
     def _on_errored(self, error: BaseException) -> None:
         """The job failed (the session logged it and showed a notification): nothing is written;

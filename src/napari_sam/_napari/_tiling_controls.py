@@ -21,8 +21,8 @@ TILING_HELP = (
     "in one embedding); on: always tile; off: embed each slice whole. Tiles are embedded only when a "
     "prompt needs them."
 )
-TILE_HELP = "Side of each embedded tile in pixels, halo included; 'model input' uses the model's input size."
-HALO_HELP = "Context around each tile's core in pixels; 'an eighth' uses an eighth of the tile size."
+TILE_HELP = "Side of each embedded tile in pixels, halo included; 0 uses the model's input size (the default)."
+HALO_HELP = "Context around each tile's core in pixels; -1 uses an eighth of the tile size (the default)."
 STORE_HELP = (
     "A .zarr folder for image embeddings: read from it when present, written to it when computed "
     "(created if missing). Empty: no store."
@@ -45,10 +45,10 @@ class TilingControls:
 
     def __init__(self, on_change: Optional[Callable[[], None]] = None) -> None:
         self.mode = ComboBox(label="Tiling", choices=list(TILING_MODES), value="auto", tooltip=TILING_HELP)
-        self.tile_size = SpinBox(label="Tile size", value=0, min=0, max=MAX_TILE, step=32, tooltip=TILE_HELP)
-        self.tile_size.native.setSpecialValueText("model input")
-        self.halo = SpinBox(label="Halo", value=-1, min=-1, max=MAX_TILE // 2, step=8, tooltip=HALO_HELP)
-        self.halo.native.setSpecialValueText("an eighth")
+        self.tile_size = SpinBox(label="Tile size (0: model input)", value=0, min=0, max=MAX_TILE, step=32,
+                                 tooltip=TILE_HELP)
+        self.halo = SpinBox(label="Halo (-1: tile / 8)", value=-1, min=-1, max=MAX_TILE // 2, step=8,
+                            tooltip=HALO_HELP)
         self.store = FileEdit(label="Embeddings store", mode="d", tooltip=STORE_HELP)
         self.recompute = CheckBox(text="Recompute mismatched embeddings", value=False, tooltip=RECOMPUTE_HELP)
         self.widgets = [self.mode, self.tile_size, self.halo, self.store, self.recompute]

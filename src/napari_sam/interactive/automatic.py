@@ -27,13 +27,16 @@ FEATURE_COLUMNS = ("label", "predicted_iou", "stability_score", "area", "bbox_x0
 
 @dataclass
 class AutomaticProgress:
-    """Progress over all slices: ``done`` of ``total`` point batches, on slice ``slice_index``."""
+    """Progress over all slices: ``done`` of ``total`` point batches, on slice ``slice_index``;
+    for a tiled slice, on tile ``tile`` (1-based) of ``tiles`` (0 of 0 when untiled)."""
 
     done: int
     total: int
     slice_index: int
     slices: int
     masks: int
+    tile: int = 0
+    tiles: int = 0
 
 
 @dataclass
@@ -125,7 +128,9 @@ def tiled_automatic_steps(
     """Segment every given slice tile by tile, yielding progress over tiles and point batches.
 
     Args:
-        generator: a :class:`napari_sam.TiledAutomaticMaskGenerator` (``binary_mask`` output).
+        generator: a :class:`napari_sam.TiledAutomaticMaskGenerator` (``binary_mask`` output);
+            its progress (:class:`napari_sam.tiled_amg.TiledAmgProgress`) counts point batches
+            over all tiles and names the tile.
         planes: (slice, HxW or HxWxC image of the slice, plane index in the generator's
             embedding store) triples; the image is the layer's data as it is (any real dtype;
             a lazy :class:`~napari_sam.interactive.engine.SlicePlane` is read tile by tile).
@@ -150,9 +155,8 @@ def tiled_automatic_steps(
                     records = stop.value
                     break
                 per_slice = int(progress.total)
-                masks = getattr(progress, "masks_so_far", getattr(progress, "masks", 0))
                 yield AutomaticProgress(done + int(progress.done), per_slice * len(planes), index, len(planes),
-                                        int(masks or 0))
+                                        int(progress.masks_kept), int(progress.tile_index) + 1, int(progress.n_tiles))
         finally:
             runner.close()
         done += per_slice
