@@ -189,6 +189,7 @@ def test_resume_after_the_process_is_killed(tmp_path, sam, truck, capsys):
 
     assert main(arguments) == 0
     out = capsys.readouterr().out
+    print(f"killed after {before} of 30 tiles were stored; the rerun: {out.splitlines()[-1]}")
     assert f"Summary: {30 - before} tile(s) computed, {before} already stored, 0 file(s) failed" in out
     store_reader = EmbeddingStore(store, sam, mode="r")
     tiles = TileEmbeddings(SamPredictor(sam), image, grid, store=store_reader)
