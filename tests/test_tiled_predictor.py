@@ -347,6 +347,23 @@ def test_tiles_of_a_uint16_image_share_the_display_mapping(sam):
     assert tiled.embeddings.computed == []
 
 
+def test_uint8_contrast_limits_are_applied_as_napari_shows_them(sam, truck_700x900):
+    # napari maps uint8 layers from their contrast limits too: (0, 255) is the data as it is,
+    # other limits stretch it (SamPredictor.set_image ignores them for uint8; tiles follow napari)
+    tiled = TiledPredictor(sam)
+    tile = None
+    for limits in (None, (0, 255)):
+        tiled.set_image(truck_700x900, contrast_limits=limits)
+        tile = tiled.grid.tile_at(300, 400)
+        assert tiled.embeddings.contrast_limits is None
+        assert np.array_equal(tiled.embeddings.crop_rgb(tile), truck_700x900[tile.crop_slices])
+    tiled.set_image(truck_700x900, contrast_limits=(50, 150))
+    stretched = tiled.embeddings.crop_rgb(tile)
+    expected = to_rgb_uint8(truck_700x900[tile.crop_slices].astype(np.float32), (50, 150))
+    assert np.array_equal(stretched, expected)
+    assert not np.array_equal(stretched, truck_700x900[tile.crop_slices])
+
+
 def test_rgba_and_bgr_give_the_masks_of_rgb(sam):
     image, _ = blobs((640, 640), ELLIPSES, seed=6, colour=True)
     rgb = image.astype(np.uint8)

@@ -135,10 +135,12 @@ class TiledPredictor:
                 slicing (zarr, dask, ``np.memmap``): only the crops of tiles that prompts
                 touch are read. For a stack, pass one plane (see the class docstring).
             image_format: "RGB" or "BGR", the channel order of ``image``.
-            contrast_limits: (low, high) intensities mapped to 0 and 255 for non-uint8 images,
-                the same for every tile; default one robust mapping for the whole image
-                (:func:`~napari_sam.tiling.shared_contrast_limits`, from a bounded subsample).
-                Ignored for uint8 images.
+            contrast_limits: (low, high) intensities mapped to 0 and 255, the same for every
+                tile, as napari displays the image (uint8 data too, unless the limits are
+                (0, 255); :meth:`napari_sam.SamPredictor.set_image` ignores them for uint8);
+                default one robust mapping for the whole image
+                (:func:`~napari_sam.tiling.shared_contrast_limits`, from a bounded subsample;
+                none for uint8).
             plane_index: which plane of the store's image this is (0 for a 2-D image, ``i``
                 for ``stack[i]``).
             cache_key: this image's key prefix in the shared ``cache`` (tile index appended).
@@ -167,7 +169,7 @@ class TiledPredictor:
         dtype = np.dtype(image.dtype)
         if dtype.kind not in "biuf":
             raise TypeError(f"Expected a real-valued image (bool, integer or float), got dtype {dtype}.")
-        if contrast_limits is not None and dtype != np.uint8:
+        if contrast_limits is not None:
             limits = np.asarray(contrast_limits, dtype=float).ravel()
             if limits.shape != (2,) or not np.isfinite(limits).all() or not limits[1] > limits[0]:
                 raise ValueError(

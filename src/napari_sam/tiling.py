@@ -326,8 +326,10 @@ class TileEmbeddings:
             tiles are read).
         grid: the tiles of the image (``grid.image_shape == image.shape[:2]``).
         image_format: "RGB" or "BGR", the channel order of ``image``.
-        contrast_limits: (low, high) display mapping for non-uint8 images; default
-            :func:`shared_contrast_limits` (one mapping for all tiles).
+        contrast_limits: (low, high) display mapping, as napari shows the image: intensities
+            mapped linearly to 0-255 (for uint8 data too, unless they are (0, 255): then the
+            pixels are used as they are); default :func:`shared_contrast_limits` (one mapping
+            for all tiles; none for uint8).
         store: an embedding store (see :class:`TileStoreProtocol`), or None.
         plane_index: which plane of the store's image this is (0 for a 2-D image; the slice
             index of a stack).
@@ -340,7 +342,7 @@ class TileEmbeddings:
     Attributes:
         computed: tile indices embedded by the encoder, in order (counts lazy work).
         loaded: tile indices read from the store, in order.
-        contrast_limits: the mapping in use (None for uint8 images).
+        contrast_limits: the mapping in use (None: uint8 pixels used as they are).
 
     Raises:
         ValueError: ``grid`` of another image shape; the image layout (as
@@ -375,8 +377,9 @@ class TileEmbeddings:
         self.grid = grid
         self.image_format = image_format
         dtype = np.dtype(image.dtype)
-        if contrast_limits is not None and dtype != np.uint8:
-            low, high = (float(v) for v in contrast_limits)
+        limits = None if contrast_limits is None else tuple(float(v) for v in contrast_limits)
+        if limits is not None and not (dtype == np.uint8 and limits == (0.0, 255.0)):
+            low, high = limits
             self.contrast_limits: Optional[tuple[float, float]] = (low, high) if high > low else (low, low + 1.0)
         else:
             self.contrast_limits = shared_contrast_limits(image)
@@ -403,7 +406,10 @@ class TileEmbeddings:
         """The tile's crop as SAM's HxWx3 uint8 input in the model's channel order."""
         from .utils.image import to_rgb_uint8
 
-        rgb = to_rgb_uint8(self.pixels(tile) if pixels is None else pixels, self.contrast_limits)
+        crop = self.pixels(tile) if pixels is None else pixels
+        if crop.dtype == np.uint8 and self.contrast_limits is not None:
+            crop = crop.astype(np.float32)  # uint8 with other limits than (0, 255): mapped as napari shows it
+        rgb = to_rgb_uint8(crop, self.contrast_limits)
         if self.image_format != self.predictor.model.image_format:
             rgb = np.ascontiguousarray(rgb[..., ::-1])
         return rgb
