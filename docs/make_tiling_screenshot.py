@@ -62,7 +62,7 @@ def main() -> None:
     viewer = napari.Viewer(show=True)
     viewer.window.resize(1600, 900)
     viewer.window._qt_viewer.dockLayerControls.setVisible(False)  # more room for the canvas
-    image = viewer.add_image(field, name="nuclei field (synthetic, 16-bit, 1536 px)")
+    viewer.add_image(field, name="nuclei field (synthetic, 16-bit, 1536 px)")
     widget = SamWidget(viewer)
     widget._picker._model.value = "vit_small"
     store = Path(tempfile.mkdtemp()) / "nuclei.zarr"
