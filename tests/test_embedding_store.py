@@ -78,7 +78,7 @@ def test_refuses_another_model_type_naming_both(tmp_path, sam):
         EmbeddingStore(tmp_path / "s.zarr", other, tile_shape=TILE, halo=HALO)
     message = str(caught.value)
     assert "model vit_small (weights" in message and "this is vit_test (weights" in message
-    assert set(caught.value.differences) == {"model_type", "weights_hash", "embedding_shape", "input_size"}
+    assert set(caught.value.differences) == {"weights_hash", "embedding_shape", "input_size"}
     assert caught.value.differences["embedding_shape"] == ((128, 32, 32), (256, 64, 64))
     assert caught.value.differences["input_size"] == (256, 1024)
 
@@ -97,6 +97,20 @@ def test_refuses_same_type_with_other_weights(tmp_path):
     stored, current = caught.value.differences["weights_hash"]
     assert stored == weights_hash(first) and current == weights_hash(second)
     assert f"model vit_test (weights {stored[:8]}...), this is vit_test (weights {current[:8]}...)" in str(caught.value)
+
+
+def test_the_weights_decide_not_the_type_name_and_precision_is_checked(tmp_path, sam, photo):
+    # The same weights chosen by a registry name in the widget and as a checkpoint file elsewhere fit.
+    EmbeddingStore(tmp_path / "s.zarr", sam, model_type="vit_small", tile_shape=TILE, halo=HALO)
+    EmbeddingStore(tmp_path / "s.zarr", sam, model_type="my_fine_tuned_name", tile_shape=TILE, halo=HALO)
+    # bf16 embeddings differ from fp32 ones: a store of one precision is refused for the other.
+    with pytest.raises(StoreMismatchError, match="precision fp32 vs bf16") as caught:
+        EmbeddingStore(tmp_path / "s.zarr", sam, tile_shape=TILE, halo=HALO, precision="bf16")
+    assert caught.value.differences == {"precision": ("fp32", "bf16")}
+    store = EmbeddingStore(tmp_path / "s.zarr", sam, tile_shape=TILE, halo=HALO)
+    grid = TileGrid(photo.shape[:2], TILE, HALO)
+    with pytest.raises(ValueError, match="holds fp32 embeddings; this predictor runs in bf16"):
+        TileEmbeddings(SamPredictor(sam, precision="bf16"), photo, grid, store=store)
 
 
 def test_refuses_other_tiling_plane_shape_and_dtype(tmp_path, sam, photo, gray16):

@@ -11,7 +11,9 @@ Layout (zarr format 3, one folder ``STORE.zarr``)::
     STORE.zarr/                       root group; its attributes (all JSON):
         format                        "napari-sam-embeddings" and format_version (FORMAT_VERSION)
         napari_sam_version            the package version that created the store (recorded, not compared)
-        model_type, weights_hash      e.g. "vit_b" and the xxh3_128 hex of the model's state dict
+        model_type, weights_hash      e.g. "vit_b" and the xxh3_128 hex of the model's state dict (the
+                                      hash is compared; the type is named in messages)
+        precision                     the encoder's precision ("fp32", "bf16", "fp16")
         embedding_shape, input_size   [C, G, G] of one embedding (e.g. [256, 64, 64]); the model's
                                       input long side (1024 for vit_b, 256 for vit_small)
         tile_shape, halo              [th, tw] and [hy, hx] (napari_sam.tiling.TileGrid)
@@ -64,8 +66,10 @@ FORMAT_NAME = "napari-sam-embeddings"
 FORMAT_VERSION = 1
 
 #: Fields compared between a store and the current model, tiling and image (in message order).
+#: The model type is recorded and named in messages but not compared: the weights hash decides (the same
+#: weights chosen as "vit_b_lm" in the widget and as a checkpoint file of detected type "vit_b" fit).
 CHECKED_FIELDS = (
-    "model_type", "weights_hash", "embedding_shape", "input_size", "tile_shape", "halo", "plane_shape", "dtype",
+    "weights_hash", "embedding_shape", "input_size", "precision", "tile_shape", "halo", "plane_shape", "dtype",
 )
 _IMAGE_FIELDS = ("plane_shape", "dtype", "grid_shape")
 _MODES = ("r", "a", "w")
@@ -259,6 +263,8 @@ class EmbeddingStore(TileStoreProtocol):
             not fit, log a warning and go on: a store of another model or tiling is emptied, a
             tile computed from other pixels is recomputed).
         n_planes: planes to allocate up front (e.g. a stack's depth); default: grow on demand.
+        precision: the precision the image encoder runs in ("fp32", "bf16", "fp16": the
+            predictor's); embeddings of another precision differ, so it is checked.
 
     Raises:
         ImportError: zarr is not installed.
@@ -278,6 +284,7 @@ class EmbeddingStore(TileStoreProtocol):
         mode: str = "a",
         on_mismatch: str = "error",
         n_planes: Optional[int] = None,
+        precision: str = "fp32",
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
@@ -324,12 +331,14 @@ class EmbeddingStore(TileStoreProtocol):
             self.attrs = {}
         if sam_model is None:
             self.model_type = self.attrs.get("model_type")
+            self.precision = self.attrs.get("precision")
             self.input_size = self.attrs.get("input_size")
             self.tile_shape = _tuple(self.attrs.get("tile_shape"))
             self.halo = _tuple(self.attrs.get("halo"))
             self._current: dict[str, Any] = {}
             return
         self.model = sam_model
+        self.precision = str(precision)
         self.input_size = int(sam_model.image_encoder.img_size)
         stored_tile = _tuple(self.attrs.get("tile_shape"))
         stored_halo = _tuple(self.attrs.get("halo"))
@@ -347,6 +356,7 @@ class EmbeddingStore(TileStoreProtocol):
             "weights_hash": weights_hash(sam_model),
             "embedding_shape": self._embedding_shape(sam_model),
             "input_size": self.input_size,
+            "precision": self.precision,
             "tile_shape": self.tile_shape,
             "halo": self.halo,
         }

@@ -396,6 +396,12 @@ class TileEmbeddings:
 
             self._own = EmbeddingCache()
         if store is not None:
+            stored = getattr(store, "precision", None)
+            if stored is not None and stored != getattr(predictor, "precision", "fp32"):
+                raise ValueError(
+                    f"The embedding store holds {stored} embeddings; this predictor runs in "
+                    f"{predictor.precision}: open the store with precision={predictor.precision!r}."
+                )
             store.check_image(grid, dtype)
 
     def pixels(self, tile: Tile) -> np.ndarray:
