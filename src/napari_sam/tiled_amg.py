@@ -17,28 +17,34 @@ Merge rule (in the tiling module's terms: a tile's *core* is the pixels it answe
    * *owned* when the centre of its box lies in the tile's core (cores do not overlap, so
      each box centre has exactly one owner tile).
 
-   Ranks: 0 whole and owned; 1 whole but owned by another tile; 2 cut and owned. A cut mask
-   owned by another tile is dropped at once (the owner sees a larger part of that object).
+   Ranks: 0 whole and owned; 1 whole but owned by another tile; 2 cut. A cut mask is
+   clipped to the tile's core (its *piece*; dropped when nothing is left): the cores
+   partition the image, so the pieces of one object from different tiles never overlap.
 2. Across tiles (pairs of masks from different tiles only: the inner generator already
    de-duplicated each tile, with its own NMS thresholds), a greedy non-maximum suppression
    in the order (rank, then predicted IoU, highest first) drops a mask that conflicts with a
-   better, kept one: box IoU above ``box_nms_thresh`` (the reference's NMS criterion),
-   mask IoU above :data:`DUPLICATE_MASK_IOU`, or, for a cut mask, more than
-   :data:`DUPLICATE_MASK_IOU` of its own pixels inside the kept mask.
+   better, kept one: box IoU above ``box_nms_thresh`` (the reference's NMS criterion); mask
+   IoU above :data:`DUPLICATE_MASK_IOU` (the same object seen by two tiles, whose boxes can
+   differ by a sliver that one tile added); and, for a piece (rank 2), more than
+   :data:`DUPLICATE_MASK_IOU` of its own pixels inside the kept mask (a piece of an object
+   kept whole).
 
 What this gives:
 
 * An object whose box centre lies in a core and that reaches at most the halo (less the
-  tolerance) beyond that core lies wholly in the owner's crop: it comes out once, whole,
-  from its owner (rank 0); the copies other tiles see are duplicates removed in step 2.
-* An object that reaches further than the halo but fits in some other tile's crop is cut in
-  its owner's crop and whole in that other crop: the whole version (rank 1) beats the cut
-  one (rank 2), so it still comes out once and whole.
-* An object that no crop holds whole (larger than a crop, or than the halo in every
-  direction that matters) is cut in every tile. It is not lost: each tile that owns the box
-  centre of its piece keeps that piece, cut at the crop edge. Such an object therefore
-  comes out as a few pieces (one per owning tile, overlapping by at most the halo), which
-  are not stitched together. Raise ``halo`` (or ``tile_shape``) when objects are that large.
+  tolerance) beyond that core lies wholly inside the owner's crop: it comes out once, whole,
+  from its owner (rank 0); the copies and pieces other tiles see are removed in step 2.
+* An object that reaches further than the halo but lies whole in some other tile's crop
+  (crops are shifted inwards at the image border, so the last tiles see more) is cut in
+  its owner's crop and whole in that other crop: the whole version (rank 1) wins, so it
+  still comes out once and whole.
+* An object that no crop holds whole (larger than a crop, or reaching beyond the halo where
+  no crop is larger) is cut in every tile that sees it. It is not lost, and not duplicated:
+  it comes out as pieces, each tile's mask clipped to its core, which do not overlap and
+  together cover what the tiles segmented of it; they are not stitched into one record.
+  Raise ``halo`` (or ``tile_shape``) when objects are that large. A cut piece's record
+  keeps the predicted IoU, stability score and prompt point of the mask it was cut from
+  (the point may lie outside the piece); its ``area`` and ``bbox`` are the piece's.
 
 ``min_mask_region_area`` is applied per tile, by the inner generator, before the merge, on
 the tile's crop; so a hole or island is judged inside one crop.
@@ -356,6 +362,7 @@ class TiledAutomaticMaskGenerator:
         cy0, cx0, cy1, cx1 = tile.crop
         crop_h, crop_w = tile.crop_shape
         tol = CUT_EDGE_TOLERANCE
+        core_y0, core_x0, core_y1, core_x1 = tile.core
         out = []
         for record in records:
             bx, by, bw, bh = (int(v) for v in record["bbox"])  # crop frame, inclusive: x1 = bx + bw
@@ -366,15 +373,28 @@ class TiledAutomaticMaskGenerator:
                 or (cy1 < height and by + bh >= crop_h - 1 - tol)
             )
             box = (bx + cx0, by + cy0, bx + bw + cx0, by + bh + cy0)
-            owned = grid.tile_at((box[1] + box[3]) / 2, (box[0] + box[2]) / 2).index == tile.index
-            if cut and not owned:
-                continue
-            rank = 2 if cut else (0 if owned else 1)
             pixels = rle_to_mask(record["segmentation"])[by : by + bh + 1, bx : bx + bw + 1]
+            area = int(record["area"])
+            if cut:
+                # The piece inside the core (full-frame inclusive box clipped to the half-open core).
+                x0, y0 = max(box[0], core_x0), max(box[1], core_y0)
+                x1, y1 = min(box[2], core_x1 - 1), min(box[3], core_y1 - 1)
+                if x1 < x0 or y1 < y0:
+                    continue
+                pixels = pixels[y0 - box[1] : y1 - box[1] + 1, x0 - box[0] : x1 - box[0] + 1]
+                rows, cols = np.nonzero(pixels)
+                if len(rows) == 0:
+                    continue
+                pixels = pixels[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+                box = (x0 + int(cols.min()), y0 + int(rows.min()), x0 + int(cols.max()), y0 + int(rows.max()))
+                area, rank = len(rows), 2
+            else:
+                owned = grid.tile_at((box[1] + box[3]) / 2, (box[0] + box[2]) / 2).index == tile.index
+                rank = 0 if owned else 1
             (px, py), (kx, ky, kw, kh) = record["point_coords"][0], record["crop_box"]
             moved = {
-                "area": int(record["area"]),
-                "bbox": [box[0], box[1], bw, bh],
+                "area": area,
+                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
                 "predicted_iou": record["predicted_iou"],
                 "point_coords": [[px + cx0, py + cy0]],
                 "stability_score": record["stability_score"],
@@ -417,7 +437,7 @@ class TiledAutomaticMaskGenerator:
 
     @staticmethod
     def _duplicate(kept: _Candidate, other: _Candidate) -> bool:
-        """Whether ``other`` repeats ``kept`` (mask IoU), or is a cut piece of it (its pixels inside)."""
+        """Whether ``other`` repeats ``kept`` (mask IoU), or is a piece of it (its pixels inside)."""
         x0, y0 = max(kept.box[0], other.box[0]), max(kept.box[1], other.box[1])
         x1, y1 = min(kept.box[2], other.box[2]), min(kept.box[3], other.box[3])
         a, b = kept.mask(), other.mask()
