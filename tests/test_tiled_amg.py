@@ -368,6 +368,30 @@ def test_a_second_run_reads_every_tile_from_the_store(sam):
     assert store.checked == [((384, 384), np.dtype(np.uint16))] * 2
 
 
+class _LazyImage:
+    """An array that is only ever sliced (like a zarr or dask array), logging each read."""
+
+    def __init__(self, array):
+        self._array = array
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+        self.reads = []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self._array[key]
+
+
+def test_lazy_image_is_read_one_crop_at_a_time(sam):
+    image, _ = _nuclei((384, 384), n=25, seed=11)
+    lazy = _LazyImage(image.astype(np.uint16) * 200)
+    gen = TiledAutomaticMaskGenerator(sam, settings=_settings(points_per_side=8, output_mode="coco_rle"))
+    records = gen.generate(lazy, contrast_limits=(0, 255 * 200))
+    direct = gen.generate(np.asarray(lazy._array), contrast_limits=(0, 255 * 200))
+    assert records == direct and len(records) >= 5
+    crops = [tile.crop_slices for tile in gen.grid]
+    assert lazy.reads and all(key in crops for key in lazy.reads)  # crops only: no whole-image read
+
+
 # -- 7. progress and cancel ---------------------------------------------------------------------
 
 

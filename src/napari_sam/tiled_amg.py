@@ -278,7 +278,8 @@ class TiledAutomaticMaskGenerator:
 
         Returns:
             One record per mask, the reference's keys, in the full image's frame: ``segmentation``
-            (HxW bool array, or an RLE dict per ``output_mode``), ``area`` (int pixels),
+            (HxW bool array, or an RLE dict per ``output_mode``; a bool array costs H * W bytes
+            per mask, so use an RLE mode for large images), ``area`` (int pixels),
             ``bbox`` ([x0, y0, w, h] ints, inclusive: w = x_max - x_min), ``predicted_iou``,
             ``point_coords`` ([[x, y]]), ``stability_score`` and ``crop_box`` ([x0, y0, w, h]
             of the tile's crop, or of the inner crop when ``crop_n_layers`` > 0). Records come
