@@ -207,27 +207,9 @@ def build_parser(settings_class: Optional[type] = None) -> argparse.ArgumentPars
         "--skip-existing", action="store_true",
         help="Keep outputs that already exist (complete) and do not compute them (default with --workers/--scheduler).",
     )
-    batch = parser.add_argument_group("batch runs on dask.distributed (see below and docs/batch.md)")
-    where = batch.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=_positive_int, default=None, metavar="N",
-                       help="Start a local dask cluster of N worker processes (default: one process, no dask).")
-    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                       help="Run on an existing dask cluster, e.g. tcp://10.0.0.5:8786.")
-    batch.add_argument(
-        "--threads", type=_positive_int, default=None, metavar="T",
-        help="torch threads per process (one process: torch's default; --workers N: cores // N; "
-        "--scheduler: the workers' default, 1 under a dask nanny).",
-    )
-    batch.add_argument(
-        "--resources", type=_resources, default=None, metavar="NAME=N[,NAME=N]",
-        help="dask resources each file needs, e.g. GPU=1: only workers started with them "
-        "(dask worker --resources GPU=1) take files.",
-    )
-    batch.add_argument(
-        "--memory-limit", default="auto", metavar="BYTES",
-        help="Memory limit of each local worker, e.g. 4GiB (default auto: the machine's memory / N); a worker "
-        "above it is restarted by dask and its file redone elsewhere.",
-    )
+    from .batch import add_distributed_arguments
+
+    add_distributed_arguments(parser)  # --workers/--scheduler, --threads, --resources, --memory-limit
     group = parser.add_argument_group(
         "AMG settings (default: the reference's defaults; for vit_small, "
         "its own lower --pred-iou-thresh, --stability-score-thresh and --box-nms-thresh)"

@@ -21,6 +21,12 @@ and :class:`~napari_sam.TiledAutomaticMaskGenerator` read, so that no embedding 
   :func:`napari_sam.tiling.shared_contrast_limits` over all its planes), printed so that the
   viewer can use the same (a store keeps one group per mapping).
 
+* Batch runs (``pip install 'napari-sam[distributed]'``): ``--workers N`` starts a local dask
+  cluster, ``--scheduler ADDRESS`` uses a running one; each file is one task that writes its own
+  store, on workers that load the model once (:func:`napari_sam.batch.run_embed_batch`, the
+  engine of ``napari-sam-amg --workers``; docs/batch.md). Same stores, bit for bit, with the same
+  torch threads (``--threads``).
+
 Exit status: 0 success, 1 some file failed (it is reported; the others are still done), 2 bad
 arguments, a model that cannot be loaded, or an output that cannot be used.
 """
@@ -94,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Examples: napari-sam-embed slide.tif --output slide.zarr --model-type vit_b;  "
             "napari-sam-embed stack.tif --output stack.zarr --tile-shape 0;  "
-            "napari-sam-embed images/ --output stores/ --tile-shape 512 --halo 64. "
-            "Store layout and validity rules: docs/embedding-store.md."
+            "napari-sam-embed images/ --output stores/ --tile-shape 512 --halo 64;  "
+            "napari-sam-embed images/ --output stores/ --workers 4 (a local dask cluster: one file per task, "
+            "each worker loads the model once; pip install 'napari-sam[distributed]'). "
+            "Store layout and validity rules: docs/embedding-store.md; batch runs: docs/batch.md."
         ),
     )
     parser.add_argument("input", metavar="INPUT", help="An image file, a stack (multi-page TIFF) or a folder of images.")
@@ -134,31 +142,65 @@ def build_parser() -> argparse.ArgumentParser:
         "and tiles whose pixels changed are recomputed.",
     )
     parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    from .batch import add_distributed_arguments
+
+    add_distributed_arguments(parser)  # the flags of napari-sam-amg: --workers/--scheduler, --threads, ...
     return parser
 
 
 @dataclass
 class FileResult:
-    """What was done with one input file: tiles computed, tiles already stored, or why it failed."""
+    """What was done with one input file: tiles computed, tiles already stored, or why it failed.
+
+    Attributes:
+        name: the input file's name.
+        computed: tile embeddings computed and stored.
+        stored: tiles that were already stored (skipped).
+        error: why the file failed, or None.
+        planes: unused (kept for callers that fill it).
+        status: ``"done"``, ``"skipped"`` (every tile was already stored; set by batch runs) or ``"failed"``.
+    """
 
     name: str
     computed: int = 0
     stored: int = 0
     error: Optional[str] = None
     planes: list = field(default_factory=list)
+    status: str = "done"
 
 
-def _plan(input_path: Path, output: Path) -> tuple[list[tuple[Any, Path]], list[str], list[str]]:
-    """(layout, store path) per image, failed file names, skipped file names (messages printed).
+def _plan(input_path: Path, output: Path, reasons: Optional[dict] = None) -> tuple[list[tuple[Any, Path]], list[str], list[str]]:
+    """(layout, store path) per image of INPUT, failed file names, skipped file names (see :func:`plan_stores`).
 
     Raises:
         CliError: INPUT missing, two images writing one store, or an output that is not usable.
     """
-    from .cli import IMAGE_SUFFIXES, CliError, list_targets
+    from .cli import list_targets
+
+    return plan_stores(list_targets(input_path), output, input_path.is_dir(), reasons)
+
+
+def plan_stores(
+    targets: Sequence[Path], output: Path, folder: bool, reasons: Optional[dict] = None
+) -> tuple[list[tuple[Any, Path]], list[str], list[str]]:
+    """Read every file's header and decide its store (messages printed).
+
+    Args:
+        targets: the input files.
+        output: the store (``folder`` False: one image) or the folder of ``<stem>.zarr`` stores.
+        folder: whether ``output`` is a folder of stores; a file that cannot be read is then an
+            error only when its suffix is an image's (else it is skipped).
+        reasons: when given, filled with failed file name -> the read error's message.
+
+    Returns:
+        ((layout, store path) per image, failed file names, skipped file names).
+
+    Raises:
+        CliError: two images writing one store, or an output that is not usable.
+    """
+    from .cli import IMAGE_SUFFIXES, CliError
     from .utils.imread import ImageReadError, is_tiff, probe_image
 
-    targets = list_targets(input_path)
-    folder = input_path.is_dir()
     plans, failed, skipped = [], [], []
     owners: dict[Path, Path] = {}
     for target in targets:
@@ -168,6 +210,8 @@ def _plan(input_path: Path, output: Path) -> tuple[list[tuple[Any, Path]], list[
             if not folder or target.suffix.lower() in IMAGE_SUFFIXES or is_tiff(target):
                 print(f"{PROG}: {error}", file=sys.stderr)
                 failed.append(target.name)
+                if reasons is not None:
+                    reasons[target.name] = str(error)
             else:
                 print(f"Skipping {target.name!r}: not an image ({error.reason}).", file=sys.stderr)
                 skipped.append(target.name)
@@ -216,7 +260,9 @@ def embed_file(
     contrast_limits: Optional[tuple[float, float]] = None,
     overwrite: bool = False,
     recompute: bool = False,
+    precision: str = "fp32",
     progress: bool = True,
+    log: Any = print,
 ) -> FileResult:
     """Embed every tile of every plane of one file into its store, skipping tiles already stored.
 
@@ -230,7 +276,9 @@ def embed_file(
         contrast_limits: the display mapping of non-uint8 images, or None for the file's robust percentiles.
         overwrite: delete an existing store first.
         recompute: empty a store of another model, tiling or image, and recompute changed tiles.
+        precision: the encoder's precision ("fp32", "bf16", "fp16"), recorded in the store.
         progress: show a progress bar over tiles (stderr).
+        log: called with a line describing the file's tiling, mapping and store.
 
     Returns:
         The :class:`FileResult` (tiles computed and already stored).
@@ -259,12 +307,13 @@ def embed_file(
     store = EmbeddingStore(
         destination, sam, model_type=model_type, tile_shape=tile_shape, halo=halo,
         mode="w" if overwrite else "a", on_mismatch="recompute" if recompute else "error", n_planes=len(planes),
+        precision=precision,
     )
-    predictor = SamPredictor(sam)
+    predictor = SamPredictor(sam, precision=precision)
     result = FileResult(layout.path.name)
     total = len(planes) * len(grid)
     mapping = "uint8 as it is" if limits is None else f"contrast limits {limits[0]:g},{limits[1]:g}"
-    print(f"  {len(planes)} plane(s) x {len(grid)} tile(s) of {tile_shape[0]}x{tile_shape[1]} (halo {halo[0]},{halo[1]}), "
+    log(f"  {len(planes)} plane(s) x {len(grid)} tile(s) of {tile_shape[0]}x{tile_shape[1]} (halo {halo[0]},{halo[1]}), "
           f"{mapping} -> {destination}")
     with tqdm(total=total, desc=layout.path.name, unit="tile", disable=not progress, file=sys.stderr) as bar:
         for plane_index, plane in enumerate(planes):
@@ -291,7 +340,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Returns:
         0 on success, 1 if any file failed, 2 for bad arguments, an unusable model or output.
     """
-    from .cli import CliError, resolve_checkpoint
+    from .cli import CliError, distributed_missing, resolve_checkpoint
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -306,6 +355,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--halo {args.halo} leaves no core in tiles of {args.tile_shape}: it must be less than half")
     if args.overwrite and args.recompute_mismatched:
         parser.error("--overwrite and --recompute-mismatched exclude each other")
+    distributed = args.workers is not None or args.scheduler is not None
+    if distributed and (missing := distributed_missing()):
+        print(f"{PROG}: error: {missing}", file=sys.stderr)
+        return 2
     try:
         from .embedding_store import _zarr
 
@@ -314,14 +367,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     output = Path(args.output)
+    reasons: dict[str, str] = {}
     try:
-        plans, failed, skipped = _plan(Path(args.input), output)
+        plans, failed, skipped = _plan(Path(args.input), output, reasons)
         model_type, checkpoint = resolve_checkpoint(args.model_type, args.checkpoint)
     except CliError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+
+    if distributed:
+        from . import batch
+
+        if Path(args.input).is_dir() and plans:
+            output.mkdir(parents=True, exist_ok=True)
+        options = batch.EmbedOptions(args.tile_shape, args.halo, args.contrast_limits, args.overwrite,
+                                     args.recompute_mismatched)
+        return batch.main_embed_distributed(
+            plans, reasons, skipped, batch.ModelChoice(model_type, checkpoint, "fp32", args.device, args.threads),
+            options, workers=args.workers, scheduler=args.scheduler, memory_limit=args.memory_limit,
+            resources=args.resources, progress=not args.no_progress,
+        )
+
     try:
         from .models import build_model, resolve_device
+
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
 
         device = resolve_device(args.device)
         print(f"Loading model {model_type} from {checkpoint} on {device}...")
