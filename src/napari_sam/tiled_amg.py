@@ -319,7 +319,8 @@ class TiledAutomaticMaskGenerator:
         candidates: list[_Candidate] = []
         for tile in grid:
             base = tile.index * per_tile
-            steps = embeddings.steps(tile)
+            pixels = embeddings.pixels(tile)  # read once: for the embedding (and the store) and the inner generator
+            steps = embeddings.steps(tile, pixels)
             try:
                 while True:
                     try:
@@ -330,7 +331,7 @@ class TiledAutomaticMaskGenerator:
                     yield TiledAmgProgress(base, total, tile.index, len(grid), len(candidates), "embedding")
             finally:
                 steps.close()
-            rgb = embeddings.crop_rgb(tile)
+            rgb = embeddings.crop_rgb(tile, pixels)
             inner = self._amg.generate_iter(rgb, image_embedding=embedding)
             try:
                 while True:
@@ -342,7 +343,7 @@ class TiledAutomaticMaskGenerator:
                     yield TiledAmgProgress(base + progress.done, total, tile.index, len(grid), len(candidates))
             finally:
                 inner.close()
-            del embedding, rgb
+            del embedding, rgb, pixels
             candidates.extend(self._tile_candidates(grid, tile, records))
             del records
         keep = self._merge(candidates)

@@ -432,14 +432,21 @@ class TileEmbeddings:
         else:
             self._own.put(tile.index, embedding)
 
-    def steps(self, tile: Tile):
+    def steps(self, tile: Tile, pixels: Optional[np.ndarray] = None):
         """The tile's embedding, as a generator that yields ``(steps_done, steps_total)`` while the
         encoder runs (nothing when it is cached or stored) and returns the
-        :class:`~napari_sam.predictor.ImageEmbedding` (sizes in the crop's frame)."""
+        :class:`~napari_sam.predictor.ImageEmbedding` (sizes in the crop's frame).
+
+        Args:
+            tile: a tile of :attr:`grid`.
+            pixels: the tile's crop (:meth:`pixels`) when the caller has read it already, so
+                that a lazy image on disk is read once; default: read here when needed.
+        """
         embedding = self.cached(tile)
         if embedding is not None:
             return embedding
-        pixels = self.pixels(tile)
+        if pixels is None:
+            pixels = self.pixels(tile)
         if self.store is not None:
             embedding = self.store.load(self.plane_index, tile, self.contrast_limits, pixels)
             if embedding is not None:
