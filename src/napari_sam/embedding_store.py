@@ -474,7 +474,7 @@ class EmbeddingStore(TileStoreProtocol):
                     "dtype": current["dtype"],
                     "grid_shape": list(grid.grid_shape),
                 })
-                self.root.attrs.update(self.attrs)
+                self.root.update_attributes(self.attrs)  # one write of zarr.json (attrs.update writes per key)
                 self._current.update({"tile_shape": tuple(grid.tile_shape), "halo": tuple(grid.halo)})
 
     def _bound(self) -> None:

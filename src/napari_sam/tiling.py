@@ -158,17 +158,25 @@ class TileGrid:
         rows = self._axis(height, tile[0], margin[0], self.core_step[0])
         columns = self._axis(width, tile[1], margin[1], self.core_step[1])
         self.grid_shape = (len(rows), len(columns))
-        self.tiles: list[Tile] = []
-        for r, (core_y, crop_y) in enumerate(rows):
-            for c, (core_x, crop_x) in enumerate(columns):
-                self.tiles.append(
-                    Tile(
-                        index=len(self.tiles),
-                        position=(r, c),
-                        core=(core_y[0], core_x[0], core_y[1], core_x[1]),
-                        crop=(crop_y[0], crop_x[0], crop_y[1], crop_x[1]),
-                    )
-                )
+        self._rows, self._columns = rows, columns
+        self._tiles: Optional[list[Tile]] = None
+
+    @property
+    def tiles(self) -> list[Tile]:
+        """Every tile, in row-major order (made on first use: a click needs only its own tile)."""
+        if self._tiles is None:
+            self._tiles = [self._make(index) for index in range(len(self))]
+        return self._tiles
+
+    def _make(self, index: int) -> Tile:
+        r, c = divmod(index, self.grid_shape[1])
+        (core_y, crop_y), (core_x, crop_x) = self._rows[r], self._columns[c]
+        return Tile(
+            index=index,
+            position=(r, c),
+            core=(core_y[0], core_x[0], core_y[1], core_x[1]),
+            crop=(crop_y[0], crop_x[0], crop_y[1], crop_x[1]),
+        )
 
     @staticmethod
     def _axis(length: int, tile: int, halo: int, step: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
@@ -184,13 +192,17 @@ class TileGrid:
         return intervals
 
     def __len__(self) -> int:
-        return len(self.tiles)
+        return self.grid_shape[0] * self.grid_shape[1]
 
     def __iter__(self) -> Iterator[Tile]:
         return iter(self.tiles)
 
     def __getitem__(self, index: int) -> Tile:
-        return self.tiles[index]
+        if self._tiles is not None:
+            return self._tiles[index]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"tile index {index} out of range for {len(self)} tiles")
+        return self._make(index % len(self))
 
     def __repr__(self) -> str:
         return (
@@ -204,7 +216,7 @@ class TileGrid:
         """
         r = self._cell(y, 0)
         c = self._cell(x, 1)
-        return self.tiles[r * self.grid_shape[1] + c]
+        return self[r * self.grid_shape[1] + c]
 
     def _cell(self, value: float, axis: int) -> int:
         count = self.grid_shape[axis]
