@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import load_rgb
 from scipy.ndimage import gaussian_filter
 
 from napari_sam import SamPredictor, TiledPredictor, build_sam
@@ -24,9 +23,9 @@ def sam():
 
 
 @pytest.fixture(scope="module")
-def truck_700x900():
+def truck_700x900(truck):
     """A 700 x 900 part of a real photo (4 x 5 tiles of 256 px)."""
-    return np.ascontiguousarray(load_rgb("truck.jpg")[250:950, 450:1350])
+    return np.ascontiguousarray(truck[250:950, 450:1350])
 
 
 def blobs(shape, ellipses, seed=0, colour=False):
@@ -140,8 +139,8 @@ def test_logits_mask_prompts_and_reuse_of_the_tile(sam, truck_700x900, tiled_tru
     np.testing.assert_allclose(refined_scores, expected_scores, atol=1e-5)
 
 
-def test_an_image_no_larger_than_a_tile_is_the_untiled_prediction(sam):
-    image = np.ascontiguousarray(load_rgb("groceries.jpg")[100:300, 200:450])  # 200 x 250
+def test_an_image_no_larger_than_a_tile_is_the_untiled_prediction(sam, groceries):
+    image = np.ascontiguousarray(groceries[100:300, 200:450])  # 200 x 250
     tiled = TiledPredictor(sam)
     tiled.set_image(image)
     assert len(tiled.grid) == 1

@@ -72,7 +72,7 @@ from .automatic_mask_generator import SamAutomaticMaskGenerator
 from .modeling import Sam
 from .tiling import ShapeLike, Tile, TileEmbeddings, TileGrid, default_halo, default_tile_shape
 from .utils.amg import coco_encode_rle, generate_crop_boxes, mask_to_rle, rle_to_mask
-from .utils.progress import drain
+from .utils.progress import drain, relabel
 
 _logger = logging.getLogger(__name__)
 
@@ -320,29 +320,16 @@ class TiledAutomaticMaskGenerator:
         for tile in grid:
             base = tile.index * per_tile
             pixels = embeddings.pixels(tile)  # read once: for the embedding (and the store) and the inner generator
-            steps = embeddings.steps(tile, pixels)
-            try:
-                while True:
-                    try:
-                        next(steps)
-                    except StopIteration as stop:
-                        embedding = stop.value
-                        break
-                    yield TiledAmgProgress(base, total, tile.index, len(grid), len(candidates), "embedding")
-            finally:
-                steps.close()
+            kept = len(candidates)
+            embedding = yield from relabel(
+                embeddings.steps(tile, pixels),
+                lambda _: TiledAmgProgress(base, total, tile.index, len(grid), kept, "embedding"),
+            )
             rgb = embeddings.crop_rgb(tile, pixels)
-            inner = self._amg.generate_iter(rgb, image_embedding=embedding)
-            try:
-                while True:
-                    try:
-                        progress = next(inner)
-                    except StopIteration as stop:
-                        records = stop.value
-                        break
-                    yield TiledAmgProgress(base + progress.done, total, tile.index, len(grid), len(candidates))
-            finally:
-                inner.close()
+            records = yield from relabel(
+                self._amg.generate_iter(rgb, image_embedding=embedding),
+                lambda progress: TiledAmgProgress(base + progress.done, total, tile.index, len(grid), kept),
+            )
             del embedding, rgb, pixels
             candidates.extend(self._tile_candidates(grid, tile, records))
             del records

@@ -20,6 +20,7 @@ from typing import Any, Generator, Optional, Sequence
 import numpy as np
 
 from ..utils.labels import paint_masks
+from ..utils.progress import relabel
 from .prompts import SliceSpec
 
 FEATURE_COLUMNS = ("label", "predicted_iou", "stability_score", "area", "bbox_x0", "bbox_y0", "bbox_w", "bbox_h")
@@ -91,32 +92,8 @@ def automatic_steps(
         An :class:`AutomaticResult`. Stopping the iteration (closing the generator) cancels
         between batches and releases the image embedding.
     """
-    done = 0
-    result = AutomaticResult(slices=[], labels=[])
-    for index, (spec, rgb) in enumerate(planes):
-        runner = generator.generate_iter(rgb)
-        per_slice = 0
-        try:
-            while True:
-                try:
-                    progress = next(runner)
-                except StopIteration as stop:
-                    records = stop.value
-                    break
-                per_slice = progress.total  # the same for every slice: one grid, same crops
-                yield AutomaticProgress(
-                    done + progress.done, per_slice * len(planes), index, len(planes), progress.masks_so_far
-                )
-        finally:
-            runner.close()
-        done += per_slice
-        labels, features = records_to_labels(records, rgb.shape[:2], offset)
-        offset += len(records)
-        result.slices.append(spec)
-        result.labels.append(labels)
-        for name in FEATURE_COLUMNS:
-            result.features[name].extend(features[name])
-    return result
+    runs = [(spec, generator.generate_iter(rgb)) for spec, rgb in planes]  # generators: nothing runs yet
+    return (yield from _segment_slices(runs, offset, lambda p: (p.masks_so_far, 0, 0)))
 
 
 def tiled_automatic_steps(
@@ -135,38 +112,52 @@ def tiled_automatic_steps(
             embedding store) triples; the image is the layer's data as it is (any real dtype;
             a lazy :class:`~napari_sam.interactive.engine.SlicePlane` is read tile by tile).
         contrast_limits: the layer's (low, high) display mapping, the same for every slice and
-            tile (ignored for uint8 data).
+            tile (as napari shows it).
         offset: ids start after this value.
 
     Returns:
         An :class:`AutomaticResult` (records in the full slice's frame, painted as
         :func:`records_to_labels` does). Closing the generator cancels between steps.
     """
+    runs = [(spec, generator.generate_iter(plane, contrast_limits, plane_index=plane_index))
+            for spec, plane, plane_index in planes]
+    return (yield from _segment_slices(runs, offset, lambda p: (p.masks_kept, p.tile_index + 1, p.n_tiles)))
+
+
+def _segment_slices(
+    runs: Sequence[tuple[SliceSpec, Generator[Any, None, list]]], offset: int, details: Any
+) -> Generator[AutomaticProgress, None, AutomaticResult]:
+    """Run each slice's generator in turn (progress with ``done`` / ``total`` and returning records),
+    painting its records; ``details(progress)`` gives (masks kept, tile number, tiles).
+
+    Every slice has the same number of steps (one grid of points, the same crops or tiles), so
+    the total is the first slice's times the number of slices. Closing this generator closes
+    the running slice's generator and drops the others unstarted.
+    """
     done = 0
     result = AutomaticResult(slices=[], labels=[])
-    for index, (spec, plane, plane_index) in enumerate(planes):
-        runner = generator.generate_iter(plane, contrast_limits, plane_index=plane_index)
-        per_slice = 0
-        try:
-            while True:
-                try:
-                    progress = next(runner)
-                except StopIteration as stop:
-                    records = stop.value
-                    break
-                per_slice = int(progress.total)
-                yield AutomaticProgress(done + int(progress.done), per_slice * len(planes), index, len(planes),
-                                        int(progress.masks_kept), int(progress.tile_index) + 1, int(progress.n_tiles))
-        finally:
-            runner.close()
-        done += per_slice
-        labels, features = records_to_labels(records, spec.plane_shape, offset)
-        offset += len(records)
-        result.slices.append(spec)
-        result.labels.append(labels)
-        for name in FEATURE_COLUMNS:
-            result.features[name].extend(features[name])
-    return result
+    try:
+        for index, (spec, run) in enumerate(runs):
+            per_slice = [0]
+
+            def outer(progress: Any, index: int = index) -> AutomaticProgress:
+                per_slice[0] = int(progress.total)
+                kept, tile, tiles = (int(v) for v in details(progress))
+                return AutomaticProgress(done + int(progress.done), per_slice[0] * len(runs), index, len(runs),
+                                         kept, tile, tiles)
+
+            records = yield from relabel(run, outer)
+            done += per_slice[0]
+            labels, features = records_to_labels(records, spec.plane_shape, offset)
+            offset += len(records)
+            result.slices.append(spec)
+            result.labels.append(labels)
+            for name in FEATURE_COLUMNS:
+                result.features[name].extend(features[name])
+        return result
+    finally:
+        for _, run in runs:
+            run.close()
 
 
 def all_slices(spec: SliceSpec) -> list[SliceSpec]:

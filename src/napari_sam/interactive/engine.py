@@ -32,7 +32,7 @@ import numpy as np
 from ..models.registry import ModelSpec
 from ..utils.image import to_rgb_uint8
 from ..utils.labels import paint_masks
-from ..utils.progress import drain
+from ..utils.progress import drain, relabel
 from .prompts import ObjectPrompt, SliceSpec
 
 if TYPE_CHECKING:
@@ -515,7 +515,8 @@ class SamEngine:
             kwargs = obj.predict_kwargs()
             tile = predictor.tile_for(kwargs.get("point_coords"), kwargs.get("point_labels"), kwargs.get("box"))
             before = len(embeddings.computed)
-            yield from self.locked(_tile_progress(predictor.embedding_steps(tile), tile.index + 1, len(grid)))
+            yield from self.locked(relabel(
+                predictor.embedding_steps(tile), lambda step, n=tile.index + 1: TileProgress(*step, n, len(grid))))
             self.embeddings_computed += len(embeddings.computed) - before
             with self.lock:
                 self.adopt_thread_settings()
@@ -545,19 +546,6 @@ class SamEngine:
                 out, scores, _ = predictor.predict(**obj.predict_kwargs())
                 masks.append(np.asarray(out[int(np.argmax(scores))], dtype=bool))
             return masks
-
-
-def _tile_progress(steps: Generator[Any, None, T], tile: int, tiles: int) -> Generator[TileProgress, None, T]:
-    """A tile's ``(done, total)`` embedding steps as :class:`TileProgress`; closing it closes ``steps``."""
-    try:
-        while True:
-            try:
-                done, total = next(steps)
-            except StopIteration as stop:
-                return stop.value
-            yield TileProgress(done, total, tile, tiles)
-    finally:
-        steps.close()
 
 
 def objects_to_labels(masks: Sequence[np.ndarray], shape: tuple[int, int], dtype: Any = np.uint32) -> np.ndarray:

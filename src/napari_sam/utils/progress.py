@@ -30,3 +30,21 @@ def drain(generator: Generator[Any, Any, T], on_progress: Optional[Callable[[Any
             return stop.value
         if on_progress is not None:
             on_progress(progress)
+
+
+def relabel(generator: Generator[Any, Any, T], convert: Callable[[Any], Any]) -> Generator[Any, None, T]:
+    """A progress generator whose progress values are ``convert(value)`` and whose return value is
+    ``generator``'s: ``result = yield from relabel(inner, lambda p: OuterProgress(...))``.
+
+    Closing it (a cancelled worker, a dropped generator) closes ``generator`` at once, so the
+    inner work stops at its next yield and releases what it holds.
+    """
+    try:
+        while True:
+            try:
+                value = next(generator)
+            except StopIteration as stop:
+                return stop.value
+            yield convert(value)
+    finally:
+        generator.close()
