@@ -40,7 +40,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 METADATA_HEADER = (
     "id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
@@ -286,6 +286,42 @@ class Job:
     destinations: dict[Optional[tuple[int, ...]], Path]
 
 
+def probe_targets(
+    targets: Sequence[Path], prog: str, named: bool, failed: list, skipped: list,
+    reasons: Optional[dict[str, str]] = None,
+) -> Iterator[tuple[Path, Any]]:
+    """Read every target's header (:func:`napari_sam.utils.imread.probe_image`) and yield
+    (target, layout) for the images; the others are printed and listed.
+
+    Args:
+        targets: input files.
+        prog: the program name that starts the printed lines.
+        named: the user named the file (not found in a folder): unreadable means failed even
+            without an image suffix.
+        failed: gets the names of image files that cannot be read (unreadable, truncated...).
+        skipped: gets the names of files that are not images (in a folder, without an image suffix).
+        reasons: when given, gets failed file name -> the read error's message.
+    """
+    from .utils.imread import ImageReadError, is_tiff, probe_image
+
+    for target in targets:
+        try:
+            layout = probe_image(target)
+        except ImageReadError as error:
+            if named or target.suffix.lower() in IMAGE_SUFFIXES or is_tiff(target):
+                print(f"{prog}: {error}", file=sys.stderr)
+                failed.append(target.name)
+                if reasons is not None:
+                    reasons[target.name] = str(error)
+            else:
+                print(f"Skipping {target.name!r}: not an image ({error.reason}).", file=sys.stderr)
+                skipped.append(target.name)
+            continue
+        for note in layout.notes:
+            print(f"{prog}: note: {note}", file=sys.stderr)
+        yield target, layout
+
+
 def plan_jobs(
     targets: Sequence[Path], output: Path, fmt: Optional[str], reasons: Optional[dict[str, str]] = None
 ) -> tuple[list[Job], list[str], list[str]]:
@@ -297,24 +333,8 @@ def plan_jobs(
     Returns:
         (jobs, failed file names, skipped file names); failures and skips are printed.
     """
-    from .utils.imread import ImageReadError, is_tiff, probe_image
-
     jobs, failed, skipped = [], [], []
-    for target in targets:
-        try:
-            layout = probe_image(target)
-        except ImageReadError as error:
-            if target.suffix.lower() in IMAGE_SUFFIXES or is_tiff(target) or len(targets) == 1:
-                print(f"napari-sam-amg: {error}", file=sys.stderr)
-                failed.append(target.name)
-                if reasons is not None:
-                    reasons[target.name] = str(error)
-            else:
-                print(f"Skipping {target.name!r}: not an image ({error.reason}).", file=sys.stderr)
-                skipped.append(target.name)
-            continue
-        for note in layout.notes:
-            print(f"napari-sam-amg: note: {note}", file=sys.stderr)
+    for target, layout in probe_targets(targets, "napari-sam-amg", len(targets) == 1, failed, skipped, reasons):
         if fmt in ("results", "instances"):
             destinations = {None: output_path(output, target, True)}
         else:

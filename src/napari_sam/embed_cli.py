@@ -42,38 +42,28 @@ from typing import Any, Optional, Sequence
 PROG = "napari-sam-embed"
 
 
-class _NoCache:
-    """A cache that keeps nothing: the CLI holds one tile's embedding at a time (bounded memory)."""
-
-    def get(self, key):
-        return None
-
-    def put(self, key, value) -> None:
-        pass
-
-
-def _tile_shape(text: str) -> tuple[int, int]:
+def _size_pair(text: str, example: str) -> tuple[int, int]:
+    """``N`` or ``H,W`` as a (y, x) pair of non-negative ints (argparse type)."""
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected N or H,W (e.g. 1024 or 1024,768), not {text!r}") from error
+        raise argparse.ArgumentTypeError(f"expected N or H,W (e.g. {example}), not {text!r}") from error
     if len(values) == 1:
         values = values * 2
-    if len(values) != 2 or min(values) < 0 or (0 in values and values != (0, 0)):
+    if len(values) != 2 or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected N or H,W of sizes zero or positive, not {text!r}")
+    return values
+
+
+def _tile_shape(text: str) -> tuple[int, int]:
+    values = _size_pair(text, "1024 or 1024,768")
+    if 0 in values and values != (0, 0):
         raise argparse.ArgumentTypeError(f"expected N or H,W of positive sizes (or 0 for no tiling), not {text!r}")
     return values
 
 
 def _halo(text: str) -> tuple[int, int]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected N or H,W (e.g. 128), not {text!r}") from error
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected N or H,W, zero or positive, not {text!r}")
-    return values
+    return _size_pair(text, "128")
 
 
 def _limits(text: str) -> tuple[float, float]:
@@ -198,26 +188,11 @@ def plan_stores(
     Raises:
         CliError: two images writing one store, or an output that is not usable.
     """
-    from .cli import IMAGE_SUFFIXES, CliError
-    from .utils.imread import ImageReadError, is_tiff, probe_image
+    from .cli import CliError, probe_targets
 
     plans, failed, skipped = [], [], []
     owners: dict[Path, Path] = {}
-    for target in targets:
-        try:
-            layout = probe_image(target)
-        except ImageReadError as error:
-            if not folder or target.suffix.lower() in IMAGE_SUFFIXES or is_tiff(target):
-                print(f"{PROG}: {error}", file=sys.stderr)
-                failed.append(target.name)
-                if reasons is not None:
-                    reasons[target.name] = str(error)
-            else:
-                print(f"Skipping {target.name!r}: not an image ({error.reason}).", file=sys.stderr)
-                skipped.append(target.name)
-            continue
-        for note in layout.notes:
-            print(f"{PROG}: note: {note}", file=sys.stderr)
+    for target, layout in probe_targets(targets, PROG, not folder, failed, skipped, reasons):
         destination = output / f"{target.stem}.zarr" if folder else output
         if destination in owners:
             raise CliError(f"{target.name} and {owners[destination].name} would both write {destination}; rename one.")
@@ -292,7 +267,7 @@ def embed_file(
 
     from .embedding_store import EmbeddingStore
     from .predictor import SamPredictor
-    from .tiling import TileEmbeddings, TileGrid, default_halo, default_tile_shape
+    from .tiling import NoCache, TileEmbeddings, TileGrid, default_halo, default_tile_shape
     from .utils.imread import read_planes
 
     planes = [plane for _, plane in read_planes(layout)]
@@ -319,7 +294,7 @@ def embed_file(
         for plane_index, plane in enumerate(planes):
             tiles = TileEmbeddings(
                 predictor, plane, grid, contrast_limits=limits, store=store, plane_index=plane_index,
-                cache=_NoCache(), cache_key=(str(destination), plane_index),
+                cache=NoCache(), cache_key=(str(destination), plane_index),
             )
             for tile in grid:
                 if store.contains(plane_index, tile, tiles.contrast_limits, tiles.pixels(tile)):

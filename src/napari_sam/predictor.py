@@ -63,6 +63,50 @@ def _check_finite(name: str, values: "np.ndarray | torch.Tensor", layout: str) -
         raise ValueError(f"{name} must be finite {layout} pixel coordinates; got NaN or infinity.")
 
 
+def checked_prompts(
+    point_coords: Optional[np.ndarray], point_labels: Optional[np.ndarray], box: Optional[np.ndarray],
+    several_boxes: str = "for several boxes, predict them one at a time",
+) -> tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]:
+    """The prompts of :meth:`SamPredictor.predict` checked (nothing about the image is needed):
+    points Nx2 float64 (x, y), labels N int32, box (4,) float64 XYXY; None where not given.
+
+    Args:
+        point_coords, point_labels, box: as :meth:`SamPredictor.predict`.
+        several_boxes: what the error for several boxes advises.
+
+    Raises:
+        ValueError: points without labels or labels without points, shapes other than Nx2 / N /
+            4, values that are not numbers, labels other than 1/0/-1, NaN or infinity.
+    """
+    coords = labels = None
+    if point_coords is not None:
+        if point_labels is None:
+            raise ValueError("point_labels must be given with point_coords (1 positive, 0 negative).")
+        coords = np.asarray(point_coords)
+        labels = np.asarray(point_labels)
+        if coords.ndim != 2 or coords.shape[1] != 2 or labels.shape != (coords.shape[0],):
+            raise ValueError(
+                f"point_coords must be Nx2 (x, y) and point_labels N; got {coords.shape} and {labels.shape}."
+            )
+        if len(coords):
+            if coords.dtype.kind not in "biuf":
+                raise ValueError(f"point_coords must be numbers, got dtype {coords.dtype}.")
+            coords = coords.astype(np.float64)
+            _check_finite("point_coords", coords, "Nx2 (x, y)")
+            labels = _point_labels(labels)
+    elif point_labels is not None:
+        raise ValueError("point_labels given without point_coords.")
+    if box is not None:
+        box = np.asarray(box)
+        if box.size != 4:
+            raise ValueError(f"box must be one XYXY box of shape (4,) or (1, 4), got {box.shape}; {several_boxes}.")
+        if box.dtype.kind not in "biuf":
+            raise ValueError(f"box must be numbers, got dtype {box.dtype}.")
+        box = box.astype(np.float64).reshape(4)
+        _check_finite("box", box, "XYXY")
+    return coords, labels, box
+
+
 def _ordered_boxes(boxes: torch.Tensor) -> torch.Tensor:
     """Bx4 boxes with corners put in XYXY order (x0 <= x1, y0 <= y1): a box drawn from any corner
     means the same rectangle (the reference would give an empty mask for x1 < x0)."""
@@ -311,32 +355,14 @@ class SamPredictor:
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
         coords_t = labels_t = box_t = mask_t = None
-        if point_coords is not None:
-            if point_labels is None:
-                raise ValueError("point_labels must be given with point_coords (1 positive, 0 negative).")
-            coords = np.asarray(point_coords)
-            labels = np.asarray(point_labels)
-            if coords.ndim != 2 or coords.shape[1] != 2 or labels.shape != (coords.shape[0],):
-                raise ValueError(
-                    "point_coords must be Nx2 (x, y) and point_labels N; "
-                    f"got {coords.shape} and {labels.shape}."
-                )
-            if len(coords):
-                _check_finite("point_coords", coords.astype(float), "Nx2 (x, y)")
-                labels = _point_labels(labels)
-                coords = self.transform.apply_coords(coords, self.original_size)
-                coords_t = torch.as_tensor(coords, dtype=torch.float32, device=self.device)[None]
-                labels_t = torch.as_tensor(labels, dtype=torch.int32, device=self.device)[None]
-        elif point_labels is not None:
-            raise ValueError("point_labels given without point_coords.")
-        if box is not None:
-            box_array = np.asarray(box)
-            if box_array.size != 4:
-                raise ValueError(
-                    f"box must be one XYXY box of shape (4,) or (1, 4), got {box_array.shape}; "
-                    "for several boxes use predict_torch with a Bx4 tensor."
-                )
-            _check_finite("box", box_array.astype(float), "XYXY")
+        coords, labels, box_array = checked_prompts(
+            point_coords, point_labels, box, "for several boxes use predict_torch with a Bx4 tensor"
+        )
+        if coords is not None and len(coords):
+            coords = self.transform.apply_coords(coords, self.original_size)
+            coords_t = torch.as_tensor(coords, dtype=torch.float32, device=self.device)[None]
+            labels_t = torch.as_tensor(labels, dtype=torch.int32, device=self.device)[None]
+        if box_array is not None:
             box_array = self.transform.apply_boxes(box_array.reshape(1, 4), self.original_size)
             box_t = torch.as_tensor(box_array, dtype=torch.float32, device=self.device)
         if mask_input is not None:

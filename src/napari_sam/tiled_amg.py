@@ -70,7 +70,7 @@ import torch
 from .amg_settings import AmgSettings
 from .automatic_mask_generator import SamAutomaticMaskGenerator
 from .modeling import Sam
-from .tiling import ShapeLike, Tile, TileEmbeddings, TileGrid, default_halo, default_tile_shape
+from .tiling import NoCache, ShapeLike, Tile, TileEmbeddings, TileGrid, default_halo, default_tile_shape
 from .utils.amg import coco_encode_rle, generate_crop_boxes, mask_to_rle, rle_to_mask
 from .utils.progress import drain, relabel
 
@@ -149,18 +149,6 @@ class TiledAmgProgress:
     def fraction(self) -> float:
         """done / total (1.0 when there is nothing to do)."""
         return self.done / self.total if self.total else 1.0
-
-
-class _Forget:
-    """A cache that keeps nothing: each tile is embedded once per run, then released."""
-
-    @staticmethod
-    def get(key: Any) -> None:
-        return None
-
-    @staticmethod
-    def put(key: Any, embedding: Any) -> None:
-        return None
 
 
 @dataclass
@@ -311,7 +299,7 @@ class TiledAutomaticMaskGenerator:
         grid = TileGrid(shape[:2], self.tile_shape, self.halo)
         embeddings = TileEmbeddings(
             self.predictor, image, grid, contrast_limits=contrast_limits, store=self.store,
-            plane_index=plane_index, cache=_Forget(), cache_key="tiled-amg",
+            plane_index=plane_index, cache=NoCache(), cache_key="tiled-amg",
         )
         self.grid, self.embeddings = grid, embeddings
         per_tile = self._batches_per_tile(grid.tiles[0].crop_shape)

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .modeling import Sam
-from .predictor import SamPredictor, _check_finite, _point_labels
+from .predictor import SamPredictor, checked_prompts
 from .tiling import ShapeLike, Tile, TileEmbeddings, TileGrid, anchor_point, default_halo, default_tile_shape
 
 _logger = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ class TiledPredictor:
                 :meth:`napari_sam.SamPredictor.predict`).
         """
         self._require_image()
-        coords, labels, box = _checked_prompts(point_coords, point_labels, box)
+        coords, labels, box = checked_prompts(point_coords, point_labels, box)
         if (coords is None or len(coords) == 0) and box is None:
             raise ValueError(
                 "A tiled prediction needs a prompt point (point_coords with point_labels) or a box: "
@@ -318,40 +318,3 @@ class TiledPredictor:
         return full
 
 
-def _checked_prompts(point_coords, point_labels, box):
-    """Points (Nx2 float), labels (N int32) and box (4 float) after the checks of
-    :meth:`napari_sam.SamPredictor.predict` that do not need an image (same messages).
-
-    Raises:
-        ValueError: as ``SamPredictor.predict`` for malformed or non-finite prompts.
-    """
-    coords = labels = None
-    if point_coords is not None:
-        if point_labels is None:
-            raise ValueError("point_labels must be given with point_coords (1 positive, 0 negative).")
-        coords = np.asarray(point_coords)
-        labels = np.asarray(point_labels)
-        if coords.ndim != 2 or coords.shape[1] != 2 or labels.shape != (coords.shape[0],):
-            raise ValueError(
-                f"point_coords must be Nx2 (x, y) and point_labels N; got {coords.shape} and {labels.shape}."
-            )
-        if len(coords):
-            if coords.dtype.kind not in "biuf":
-                raise ValueError(f"point_coords must be numbers, got dtype {coords.dtype}.")
-            coords = coords.astype(np.float64)
-            _check_finite("point_coords", coords, "Nx2 (x, y)")
-            labels = _point_labels(labels)
-    elif point_labels is not None:
-        raise ValueError("point_labels given without point_coords.")
-    if box is not None:
-        box = np.asarray(box)
-        if box.size != 4:
-            raise ValueError(
-                f"box must be one XYXY box of shape (4,) or (1, 4), got {box.shape}; "
-                "for several boxes, predict them one at a time."
-            )
-        if box.dtype.kind not in "biuf":
-            raise ValueError(f"box must be numbers, got dtype {box.dtype}.")
-        box = box.astype(np.float64).reshape(4)
-        _check_finite("box", box, "XYXY")
-    return coords, labels, box

@@ -323,6 +323,20 @@ class TileStoreProtocol:
         raise NotImplementedError  # pragma: no cover - protocol
 
 
+class NoCache:
+    """A cache that keeps nothing (give it to :class:`TileEmbeddings` with any ``cache_key``): each
+    tile's embedding is released once used, for work that visits every tile once (the tiled
+    automatic mask generator, ``napari-sam-embed``) and must hold one tile at a time."""
+
+    @staticmethod
+    def get(key) -> None:
+        return None
+
+    @staticmethod
+    def put(key, embedding) -> None:
+        pass
+
+
 class TileEmbeddings:
     """The image embeddings of one 2-D image's tiles, computed lazily, on demand.
 
