@@ -10,11 +10,10 @@ negative point.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from _screenshots import save_screenshot  # docs/_screenshots.py (docs/ is on sys.path when run)
 
 
 def main() -> None:
@@ -68,16 +67,7 @@ def main() -> None:
     settle()
     viewer.layers.selection.active = points
     viewer.reset_view()
-    settle()
-    from napari._qt.dialogs.qt_notification import NapariQtNotification
-
-    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):  # startup warnings
-        toast.close()
-    settle()
-    out = ROOT / "docs" / "images" / "widget.png"
-    viewer.screenshot(str(out), canvas_only=False)
-    print(f"wrote {out}")
-    viewer.close()
+    save_screenshot(viewer, settle, "widget.png")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from _screenshots import save_screenshot  # docs/_screenshots.py (docs/ is on sys.path when run)
+
 
 
 def make_field(size: int = 1536, count: int = 400, seed: int = 0) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -120,16 +121,7 @@ def main() -> None:
         f"{len(chosen)} nuclei committed; {widget.engine.embeddings_computed} of {len(grid)} tiles embedded "
         f"(256 px, halo 32 px), written to the embeddings store."
     )
-    settle()
-    from napari._qt.dialogs.qt_notification import NapariQtNotification
-
-    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
-        toast.close()
-    settle()
-    out = ROOT / "docs" / "images" / "tiling.png"
-    viewer.screenshot(str(out), canvas_only=False)
-    print(f"wrote {out}")
-    viewer.close()
+    save_screenshot(viewer, settle, "tiling.png")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from _screenshots import save_screenshot  # docs/_screenshots.py (docs/ is on sys.path when run)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -83,16 +85,7 @@ def main() -> None:
     viewer.reset_view()
     viewer.camera.angles = (-25, 35, 75)
     viewer.camera.zoom *= 1.3
-    settle()
-    from napari._qt.dialogs.qt_notification import NapariQtNotification
-
-    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
-        toast.close()
-    settle()
-    out = ROOT / "docs" / "images" / "volume.png"
-    viewer.screenshot(str(out), canvas_only=False)
-    print(f"wrote {out}")
-    viewer.close()
+    save_screenshot(viewer, settle, "volume.png")
 
 
 if __name__ == "__main__":

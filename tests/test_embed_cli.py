@@ -169,7 +169,10 @@ def test_resume_after_the_process_is_killed(tmp_path, sam, truck, capsys):
     assert len(grid) == 30
     store = tmp_path / "scan.zarr"
     arguments = [str(tmp_path / "scan.png"), "--output", str(store), "--model-type", "vit_small",
-                 "--tile-shape", "64", "--halo", "8", "--no-progress"]
+                 "--tile-shape", "64", "--halo", "8", "--no-progress",
+                 # tiles are recomputed below in this process: the same torch threads give the same sums
+                 # (an OMP_NUM_THREADS left by an earlier test would otherwise reach the child)
+                 "--threads", str(torch.get_num_threads())]
     process = subprocess.Popen(
         [sys.executable, "-m", "napari_sam.embed_cli", *arguments],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -9,11 +9,11 @@ notification, and that the next job (another model) works.
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 from skimage import data
+
+from napari_sam.interactive.automatic import AutomaticProgress
 
 pytestmark = pytest.mark.gui
 
@@ -223,7 +223,7 @@ def test_automatic_widget_survives_a_failing_job(make_napari_viewer, qtbot, noti
     error = make_error(kind)
 
     def failing_steps(generator, planes):
-        yield types.SimpleNamespace(done=1, total=4, slice_index=0, slices=1, masks=0)
+        yield AutomaticProgress(done=1, total=4, slice_index=0, slices=1, masks=0)
         raise error
 
     monkeypatch.setattr(_automatic_widget, "automatic_steps", failing_steps)
