@@ -71,6 +71,41 @@ def test_round_trip_is_bit_exact(tmp_path, sam, photo):
     assert "3 tile embedding(s)" in repr(reopened)
 
 
+def test_write_behind_saves_in_the_background_and_reads_wait_for_it(tmp_path, sam, photo, monkeypatch):
+    import threading
+
+    grid = TileGrid(photo.shape[:2], TILE, HALO)
+    store = EmbeddingStore(tmp_path / "s.zarr", sam, tile_shape=TILE, halo=HALO, write_behind=True)
+    release = threading.Event()
+    write = EmbeddingStore._write
+
+    def slow_write(self, *args):  # a slow disk: the write waits until the test lets it go
+        assert threading.current_thread() is not threading.main_thread()
+        release.wait(30)
+        write(self, *args)
+
+    monkeypatch.setattr(EmbeddingStore, "_write", slow_write)
+    writer = TileEmbeddings(SamPredictor(sam), photo, grid, store=store)
+    embedding = writer.get(grid[4])  # returns while its write waits
+    assert writer.computed == [4] and store._writes and not store._writes[0].done()
+    other = EmbeddingStore(tmp_path / "s.zarr", sam)
+    assert not other.completed(None).any()  # nothing on disk yet
+    release.set()
+    assert store.completed(None)[0].tolist() == [i == 4 for i in range(len(grid))]  # a read waits for the write
+    loaded = EmbeddingStore(tmp_path / "s.zarr", sam).load(0, grid[4], None, writer.pixels(grid[4]))
+    assert torch.equal(loaded.features, embedding.features.cpu())
+
+    def failing_write(self, *args):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(EmbeddingStore, "_write", failing_write)
+    writer.get(grid[5])  # the prediction goes on; the write fails in the background
+    with pytest.raises(OSError, match="No space left"):
+        store.flush()
+    store.close()
+    assert EmbeddingStore(tmp_path / "s.zarr", sam).completed(None)[0].tolist() == [i == 4 for i in range(len(grid))]
+
+
 def test_refuses_another_model_type_naming_both(tmp_path, sam):
     EmbeddingStore(tmp_path / "s.zarr", sam, tile_shape=TILE, halo=HALO)
     other = build_model("vit_test")

@@ -265,6 +265,13 @@ class EmbeddingStore(TileStoreProtocol):
         n_planes: planes to allocate up front (e.g. a stack's depth); default: grow on demand.
         precision: the precision the image encoder runs in ("fp32", "bf16", "fp16": the
             predictor's); embeddings of another precision differ, so it is checked.
+        write_behind: :meth:`save` hands the write to one background thread and returns at
+            once, so that a prediction does not wait for the disk (a network share, a slow
+            drive); the napari plugin opens its stores so. Reads (:meth:`load`,
+            :meth:`contains`, :meth:`completed`, :meth:`info`) first wait for the writes in
+            flight, :meth:`flush` waits for them and raises an error any of them met, and the
+            writes still queued finish when Python exits. A process killed before a write
+            ends leaves that tile absent (its hash is written last), never a wrong tile.
 
     Raises:
         ImportError: zarr is not installed.
@@ -285,6 +292,7 @@ class EmbeddingStore(TileStoreProtocol):
         on_mismatch: str = "error",
         n_planes: Optional[int] = None,
         precision: str = "fp32",
+        write_behind: bool = False,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
@@ -299,6 +307,9 @@ class EmbeddingStore(TileStoreProtocol):
         self.read_only = mode == "r"
         self._lock = threading.Lock()
         self._groups: dict[str, _Group] = {}
+        self.write_behind = bool(write_behind)
+        self._writer = None  # the background writer (concurrent.futures executor), made on first save
+        self._writes: list = []  # futures of the writes in flight
         self._n_planes = None if n_planes is None else int(n_planes)
         exists = (self.path / "zarr.json").is_file()
         if self.path.exists() and not exists and (not self.path.is_dir() or any(self.path.iterdir())):
@@ -366,6 +377,15 @@ class EmbeddingStore(TileStoreProtocol):
         differences = self._differences(self._current)
         if differences:
             self._mismatch(differences, "")
+        self._open_groups()
+
+    def _open_groups(self) -> None:
+        """Open the display mappings already stored now, so that a first read costs no metadata reads."""
+        if self.root is None:
+            return
+        for name, group in self.root.groups():
+            if name not in self._groups and "features" in group and "content" in group:
+                self._groups[name] = _Group(group)
 
     # -- set-up ---------------------------------------------------------------------------------------
 
@@ -531,6 +551,11 @@ class EmbeddingStore(TileStoreProtocol):
         Raises:
             StoreMismatchError: the tile was stored from other pixels (``on_mismatch="error"``).
         """
+        self.flush()
+        with self._lock:
+            return self._contains(plane_index, tile, limits, pixels)
+
+    def _contains(self, plane_index: int, tile: Tile, limits: Optional[Sequence[float]], pixels: np.ndarray) -> bool:
         self._check_tile(plane_index, tile)
         group = self._group(limits, create=False)
         if group is None:
@@ -571,8 +596,9 @@ class EmbeddingStore(TileStoreProtocol):
         from .predictor import ImageEmbedding
         from .utils.transforms import ResizeLongestSide
 
+        self.flush()
         with self._lock:
-            if not self.contains(plane_index, tile, limits, pixels):
+            if not self._contains(plane_index, tile, limits, pixels):
                 return None
             features = self._groups[group_name(limits)].features[plane_index, tile.index]
         height, width = tile.crop_shape
@@ -606,8 +632,22 @@ class EmbeddingStore(TileStoreProtocol):
         if tuple(features.shape) != (1, *expected):
             raise ValueError(f"Expected features of shape 1x{'x'.join(map(str, expected))}, got {tuple(features.shape)}.")
         digest = content_hash(pixels)
+        self._check_tile(plane_index, tile)
+        array = features[0].numpy()
+        if not self.write_behind:
+            self._write(plane_index, tile, limits, digest, array)
+            return
+        if self._writer is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-sam-embedding-store")
+        self._writes = [write for write in self._writes if not write.done() or write.exception() is not None]
+        self._writes.append(self._writer.submit(self._write, plane_index, tile, limits, digest, array))
+
+    def _write(self, plane_index: int, tile: Tile, limits: Optional[Sequence[float]], digest: tuple[int, int],
+               features: np.ndarray) -> None:
+        """Write one tile: clear an old hash, write the features chunk, then the hash (the complete mark)."""
         with self._lock:
-            self._check_tile(plane_index, tile)
             group = self._group(limits, create=True)
             if plane_index >= group.content.shape[0]:
                 planes = max(plane_index + 1, self._n_planes or 0)
@@ -615,14 +655,42 @@ class EmbeddingStore(TileStoreProtocol):
                 group.content.resize((planes, *group.content.shape[1:]))
             if self._stored_hash(group, plane_index, tile) != (0, 0):
                 group.content[plane_index, tile.index] = np.zeros(2, dtype=np.uint64)
-            group.features[plane_index, tile.index] = features[0].numpy()
+            group.features[plane_index, tile.index] = features
             group.content[plane_index, tile.index] = np.asarray(digest, dtype=np.uint64)
+
+    def flush(self) -> None:
+        """Wait for the writes in flight (``write_behind``); raise the first error one of them met.
+
+        Raises:
+            Exception: what a background write raised (e.g. ``OSError`` for a full disk); the
+                tile it was writing is absent from the store.
+        """
+        writes, self._writes = self._writes, []
+        errors = [error for error in (write.exception() for write in writes) if error is not None]
+        if errors:
+            raise errors[0]
+
+    def close(self) -> None:
+        """Finish the writes in flight (:meth:`flush`) and stop the background writer."""
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+
+    def __enter__(self) -> "EmbeddingStore":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     # -- inspection ----------------------------------------------------------------------------------
 
     def completed(self, limits: Optional[Sequence[float]]) -> np.ndarray:
         """Which tiles are stored for a display mapping: bool (planes, tiles) (planes allocated so
         far; (0, tiles) when nothing is stored for the mapping). Content hashes are not checked."""
+        self.flush()
         n_tiles = self.n_tiles or 0
         if self.root is None or self.attrs.get("plane_shape") is None:
             return np.zeros((0, n_tiles), dtype=bool)
@@ -639,6 +707,7 @@ class EmbeddingStore(TileStoreProtocol):
 
     def info(self) -> dict[str, Any]:
         """What the store holds: its attributes and, per display mapping, the tiles stored."""
+        self.flush()
         summary = {"path": str(self.path), "mode": self.mode}
         summary.update({k: v for k, v in self.attrs.items() if k != "format"})
         groups = []

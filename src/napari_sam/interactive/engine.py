@@ -449,7 +449,8 @@ class SamEngine:
                 # The registry's name (e.g. "vit_b_lm"); a checkpoint of detected type ("auto") is named by the store.
                 model_type = self.spec.model_type if self.spec is not None and self.spec.model_type != "auto" else None
                 store = EmbeddingStore(os.fspath(path), model, model_type=model_type, tile_shape=tile, halo=margin,
-                                       on_mismatch=on_mismatch, precision=self.precision)
+                                       on_mismatch=on_mismatch, precision=self.precision,
+                                       write_behind=True)  # a click does not wait for the disk
                 self._stores[key] = store
             return store
 
