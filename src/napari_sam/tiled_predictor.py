@@ -237,14 +237,9 @@ class TiledPredictor:
         return self.embeddings.steps(tile)
 
     def predict(
-        self,
-        point_coords: Optional[np.ndarray] = None,
-        point_labels: Optional[np.ndarray] = None,
-        box: Optional[np.ndarray] = None,
-        mask_input: Optional[np.ndarray] = None,
-        multimask_output: bool = True,
-        return_logits: bool = False,
-        return_crop: bool = False,
+        self, point_coords: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None,
+        box: Optional[np.ndarray] = None, mask_input: Optional[np.ndarray] = None,
+        multimask_output: bool = True, return_logits: bool = False, return_crop: bool = False,
     ):
         """Predict masks for a prompt given in the full image's frame.
 
