@@ -482,6 +482,7 @@ def run_jobs(
         generator = _generator_for(model, settings) if todo else None  # a model that cannot load raises here
 
         def local(job: Job) -> ItemResult:
+            _set_threads(model)  # as a worker's task does (the model may have been built before, elsewhere)
             return process_job(job, generator, fmt, existing, progress=False, log=lambda line: None)
 
         outcomes = map_items(run_item, todo, names, None, local=local, progress=progress, desc="napari-sam-amg")
@@ -584,6 +585,7 @@ def run_embed_plans(
         sam = _model_for(model) if items else None  # a model that cannot load raises here
 
         def local(item: tuple[Any, str]) -> Any:
+            _set_threads(model)  # as a worker's task does (the model may have been built before, elsewhere)
             return _embed(item[0], Path(item[1]), sam, model, options)
 
         outcomes = map_items(embed_item, items, names, None, local=local, progress=progress, desc="napari-sam-embed")
