@@ -9,11 +9,10 @@ negative point.
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
-from _screenshots import save_screenshot  # docs/_screenshots.py (docs/ is on sys.path when run)
+from _screenshots import save_screenshot, wait_until_idle  # docs/_screenshots.py (docs/ is on sys.path when run)
 
 
 def main() -> None:
@@ -37,14 +36,7 @@ def main() -> None:
     app = QApplication.instance()
 
     def settle() -> None:
-        for _ in range(2000):
-            app.processEvents()
-            if not widget.busy:
-                break
-            time.sleep(0.01)
-        for _ in range(20):
-            app.processEvents()
-            time.sleep(0.01)
+        wait_until_idle(app, lambda: widget.busy, start=0, limit=2000)
 
     points = widget.points_layer
     for row, col in [(50, 45), (55, 100), (52, 155), (125, 45)]:  # one click per coin, committed

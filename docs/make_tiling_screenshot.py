@@ -14,12 +14,11 @@ yellow, and the view is zoomed on the clicked region.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from _screenshots import save_screenshot  # docs/_screenshots.py (docs/ is on sys.path when run)
+from _screenshots import save_screenshot, wait_until_idle  # docs/_screenshots.py (docs/ is on sys.path when run)
 
 
 
@@ -73,17 +72,7 @@ def main() -> None:
     app = QApplication.instance()
 
     def settle() -> None:
-        for _ in range(50):  # let debounced requests start
-            app.processEvents()
-            time.sleep(0.01)
-        for _ in range(6000):
-            app.processEvents()
-            if not widget.busy:
-                break
-            time.sleep(0.01)
-        for _ in range(20):
-            app.processEvents()
-            time.sleep(0.01)
+        wait_until_idle(app, lambda: widget.busy)
 
     settle()
     grid = TileGrid(field.shape, (256, 256), (32, 32))

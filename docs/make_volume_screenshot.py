@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import time
 from pathlib import Path
 
-from _screenshots import save_screenshot  # docs/_screenshots.py (docs/ is on sys.path when run)
+from _screenshots import save_screenshot, wait_until_idle  # docs/_screenshots.py (docs/ is on sys.path when run)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,17 +50,7 @@ def main() -> None:
     app = QApplication.instance()
 
     def settle() -> None:
-        for _ in range(50):  # let debounced requests start
-            app.processEvents()
-            time.sleep(0.01)
-        for _ in range(6000):
-            app.processEvents()
-            if not widget.busy and widget.volume_worker is None:
-                break
-            time.sleep(0.01)
-        for _ in range(20):
-            app.processEvents()
-            time.sleep(0.01)
+        wait_until_idle(app, lambda: widget.busy or widget.volume_worker is not None)
 
     from scipy.ndimage import distance_transform_edt
 

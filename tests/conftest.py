@@ -113,6 +113,15 @@ def checkpoint_factory(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sam():
+    """The bundled, trained ``vit_small`` on the CPU (input 256 px), built once for the session;
+    tests must not change its weights (build another for that)."""
+    from napari_sam import build_sam
+
+    return build_sam("vit_small", device="cpu")
+
+
+@pytest.fixture(scope="session")
 def truck() -> np.ndarray:
     return load_rgb("truck.jpg")
 

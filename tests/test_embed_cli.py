@@ -15,15 +15,10 @@ pytest.importorskip("zarr", minversion="3")
 
 import torch  # noqa: E402
 
-from napari_sam import EmbeddingStore, SamPredictor, TileGrid, build_sam, to_rgb_uint8  # noqa: E402
+from napari_sam import EmbeddingStore, SamPredictor, TileGrid, to_rgb_uint8  # noqa: E402
 from napari_sam.embed_cli import main  # noqa: E402
 from napari_sam.tiling import TileEmbeddings, shared_contrast_limits  # noqa: E402
 from napari_sam.utils.progress import drain  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def sam():
-    return build_sam("vit_small")
 
 
 def stored_embedding(path, sam, image, grid, tile_index, plane_index=0, limits=None):

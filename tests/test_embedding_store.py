@@ -13,18 +13,13 @@ pytest.importorskip("zarr", minversion="3")
 
 import torch  # noqa: E402
 
-from napari_sam import EmbeddingStore, SamPredictor, StoreMismatchError, TileGrid, build_sam  # noqa: E402
+from napari_sam import EmbeddingStore, SamPredictor, StoreMismatchError, TileGrid  # noqa: E402
 from napari_sam.embedding_store import content_hash, group_name, weights_hash  # noqa: E402
 from napari_sam.models import build_model  # noqa: E402
 from napari_sam.tiling import TileEmbeddings  # noqa: E402
 from napari_sam.utils.progress import drain  # noqa: E402
 
 TILE, HALO = 64, 8
-
-
-@pytest.fixture(scope="module")
-def sam():
-    return build_sam("vit_small")
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,6 @@ from napari_sam.utils.progress import drain
 
 
 @pytest.fixture(scope="module")
-def vit_small():
-    from napari_sam import build_sam
-
-    return build_sam("vit_small")
-
-
-@pytest.fixture(scope="module")
 def scene(truck):
     """768 x 768 RGB crop of the truck photo (3x vit_small's 256 px input: auto tiling is on)."""
     return np.ascontiguousarray(truck[200:968, 500:1268])
@@ -96,10 +89,10 @@ def _predict_on_crop(model, crop_rgb, obj, offset):
     return masks[int(np.argmax(scores))]
 
 
-def test_tiled_prediction_embeds_only_the_prompted_tiles(vit_small, scene):
+def test_tiled_prediction_embeds_only_the_prompted_tiles(sam, scene):
     from napari_sam.tiling import TileGrid
 
-    engine = SamEngine(model=vit_small)
+    engine = SamEngine(model=sam)
     spec = SliceSpec.for_2d(scene.shape[:2])
     plane = SlicePlane(CountingArray(scene), spec, rgb=True)
     tile_shape, halo = TilingChoice().resolve(spec.plane_shape, engine.input_size)
@@ -121,7 +114,7 @@ def test_tiled_prediction_embeds_only_the_prompted_tiles(vit_small, scene):
     assert progress[-1].done == progress[-1].total
     assert sum(plane.data.reads) == 256 * 256 * 3  # only that tile's crop was read
     expected = np.zeros(spec.plane_shape, bool)
-    expected[tile.crop_slices] = _predict_on_crop(vit_small, scene[tile.crop_slices], click, tile.offset)
+    expected[tile.crop_slices] = _predict_on_crop(sam, scene[tile.crop_slices], click, tile.offset)
     assert masks[0].shape == spec.plane_shape and masks[0].dtype == np.bool_
     assert expected.any() and np.array_equal(masks[0], expected)
 
@@ -133,15 +126,15 @@ def test_tiled_prediction_embeds_only_the_prompted_tiles(vit_small, scene):
     box_tile = grid.tile_for_box(box.box)
     assert box_tile.index != tile.index
     expected_box = np.zeros(spec.plane_shape, bool)
-    expected_box[box_tile.crop_slices] = _predict_on_crop(vit_small, scene[box_tile.crop_slices], box,
+    expected_box[box_tile.crop_slices] = _predict_on_crop(sam, scene[box_tile.crop_slices], box,
                                                           box_tile.offset)
     assert np.array_equal(masks[1], expected_box)
     # The tiles are in the engine's cache under the slice's key, the tiling and the tile index.
     assert ((("slice",), ("tiles", (256, 256), (32, 32))), tile.index) in engine.cache
 
 
-def test_one_whole_slice_tile_equals_the_untiled_prediction(vit_small, scene):
-    engine = SamEngine(model=vit_small)
+def test_one_whole_slice_tile_equals_the_untiled_prediction(sam, scene):
+    engine = SamEngine(model=sam)
     spec = SliceSpec.for_2d(scene.shape[:2])
     click = ObjectPrompt(np.array([[400.0, 300.0], [100.0, 600.0]]), np.array([1, 0]))
     tile_shape, halo = TilingChoice("off").resolve(spec.plane_shape, 256, with_store=True)
@@ -151,10 +144,10 @@ def test_one_whole_slice_tile_equals_the_untiled_prediction(vit_small, scene):
     assert untiled[0].any() and np.array_equal(tiled[0], untiled[0])
 
 
-def test_closing_a_tiled_job_frees_the_engine(vit_small, scene):
+def test_closing_a_tiled_job_frees_the_engine(sam, scene):
     import threading
 
-    engine = SamEngine(model=vit_small)
+    engine = SamEngine(model=sam)
     spec = SliceSpec.for_2d(scene.shape[:2])
     steps = engine.tiled_prediction_steps(SlicePlane(scene, spec, True), [ObjectPrompt(np.array([[10.0, 10.0]]),
                                           np.array([1]))], (256, 256), (32, 32))

@@ -12,15 +12,10 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from napari_sam import AmgSettings, SamAutomaticMaskGenerator, TiledAutomaticMaskGenerator, build_sam
+from napari_sam import AmgSettings, SamAutomaticMaskGenerator, TiledAutomaticMaskGenerator
 from napari_sam.automatic_mask_generator import AmgProgress
 from napari_sam.tiled_amg import TiledAmgProgress, crop_mask_to_rle
 from napari_sam.utils.amg import batched_mask_to_box, mask_to_rle, rle_to_mask
-
-
-@pytest.fixture(scope="module")
-def sam():
-    return build_sam("vit_small", device="cpu")
 
 
 def _settings(**changes):

@@ -12,14 +12,9 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from napari_sam import SamPredictor, TiledPredictor, build_sam
+from napari_sam import SamPredictor, TiledPredictor
 from napari_sam.tiled_predictor import OUTSIDE_CROP_LOGIT
 from napari_sam.utils.image import to_rgb_uint8
-
-
-@pytest.fixture(scope="module")
-def sam():
-    return build_sam("vit_small")
 
 
 @pytest.fixture(scope="module")

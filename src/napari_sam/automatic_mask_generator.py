@@ -39,26 +39,12 @@ from .amg_settings import OUTPUT_MODES, AmgSettings  # noqa: F401  (OUTPUT_MODES
 from .modeling import Sam
 from .modeling.prompt_batch_decoder import PromptBatchDecoder
 from .predictor import ImageEmbedding, SamPredictor, autocast_context
+# The mask bookkeeping (RLE, boxes, crops, NMS, stability) lives in utils.amg, at the reference's paths.
 from .utils.amg import (
-    MaskData,
-    area_from_rle,
-    batch_iterator,
-    batched_mask_to_box,
-    box_xyxy_to_xywh,
-    build_all_layer_point_grids,
-    calculate_stability_score,
-    coco_encode_rle,
-    crop_box_scores,
-    generate_crop_boxes,
-    is_box_near_crop_edge,
-    mask_to_rle,
-    mask_to_rle_pytorch,
-    nms_keep,
-    remove_small_regions,
-    rle_to_mask,
-    uncrop_boxes_xyxy,
-    uncrop_masks,
-    uncrop_points,
+    MaskData, area_from_rle, batch_iterator, batched_mask_to_box, box_xyxy_to_xywh, build_all_layer_point_grids,
+    calculate_stability_score, coco_encode_rle, crop_box_scores, generate_crop_boxes, is_box_near_crop_edge,
+    mask_to_rle, mask_to_rle_pytorch, nms_keep, remove_small_regions, rle_to_mask, uncrop_boxes_xyxy,
+    uncrop_masks, uncrop_points,
 )
 from .utils.image import to_rgb_uint8
 from .utils.progress import drain
