@@ -648,12 +648,9 @@ def run_embed_batch(
     """
     from .cli import list_targets
     from .embed_cli import plan_stores
-    from .tiling import TileGrid
+    from .tiling import TileGrid, as_pair
 
-    def pair(value: Any) -> Optional[tuple[int, int]]:
-        return None if value is None else (int(value),) * 2 if isinstance(value, int) else tuple(int(v) for v in value)
-
-    tile_shape, halo = pair(tile_shape), pair(halo)
+    tile_shape, halo = as_pair(tile_shape, "tile_shape"), as_pair(halo, "halo")
     if overwrite and recompute:
         raise ValueError("overwrite and recompute exclude each other.")
     if tile_shape == (0, 0):

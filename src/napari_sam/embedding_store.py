@@ -57,7 +57,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .tiling import Tile, TileGrid, TileStoreProtocol, default_halo, default_tile_shape
+from .tiling import Tile, TileGrid, TileStoreProtocol, as_pair, default_halo, default_tile_shape
 
 _logger = logging.getLogger(__name__)
 
@@ -218,15 +218,6 @@ def _as_text(value: Any) -> str:
     return str(tuple(value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def _pair(value: Union[int, Sequence[int]]) -> tuple[int, int]:
-    if isinstance(value, (int, np.integer)):
-        return int(value), int(value)
-    items = tuple(int(v) for v in value)
-    if len(items) != 2:
-        raise ValueError(f"Expected an int or a (y, x) pair, got {value!r}.")
-    return items
-
-
 def _tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
@@ -355,11 +346,11 @@ class EmbeddingStore(TileStoreProtocol):
         stored_halo = _tuple(self.attrs.get("halo"))
         if tile_shape is None:
             tile_shape = stored_tile if stored_tile is not None else default_tile_shape(self.input_size)
-        self.tile_shape = _pair(tile_shape)
+        self.tile_shape = as_pair(tile_shape, "tile_shape")
         if halo is None:
             same_tiles = stored_halo is not None and self.tile_shape == stored_tile
             halo = stored_halo if same_tiles else default_halo(self.tile_shape)
-        self.halo = _pair(halo)
+        self.halo = as_pair(halo, "halo")
         TileGrid(self.tile_shape, self.tile_shape, self.halo)  # validates sizes and halo
         self.model_type = model_type or self._detect_type(sam_model)
         self._current = {

@@ -42,16 +42,20 @@ DEFAULT_HALO_FRACTION = 1 / 8
 ShapeLike = Union[int, Sequence[int]]
 
 
-def _pair(value: ShapeLike, name: str) -> tuple[int, int]:
-    """``value`` as a (y, x) pair of ints (an int means both)."""
+def as_pair(value: Optional[ShapeLike], name: str = "size") -> Optional[tuple[int, int]]:
+    """A tile shape or halo as a (y, x) pair of ints: an int means both; None stays None (a default).
+
+    Raises:
+        ValueError: not an int, None or two values (the message names ``name``).
+    """
+    if value is None:
+        return None
     if isinstance(value, (int, np.integer)):
-        pair = (int(value), int(value))
-    else:
-        items = tuple(value)
-        if len(items) != 2:
-            raise ValueError(f"{name} must be an int or a (y, x) pair, got {value!r}.")
-        pair = (int(items[0]), int(items[1]))
-    return pair
+        return (int(value), int(value))
+    items = tuple(value)
+    if len(items) != 2:
+        raise ValueError(f"{name} must be an int or a (y, x) pair, got {value!r}.")
+    return (int(items[0]), int(items[1]))
 
 
 def default_tile_shape(input_size: int) -> tuple[int, int]:
@@ -61,7 +65,7 @@ def default_tile_shape(input_size: int) -> tuple[int, int]:
 
 def default_halo(tile_shape: ShapeLike) -> tuple[int, int]:
     """The default halo of ``tile_shape``: an eighth of it on each axis (128 for 1024)."""
-    ty, tx = _pair(tile_shape, "tile_shape")
+    ty, tx = as_pair(tile_shape, "tile_shape")
     return (int(ty * DEFAULT_HALO_FRACTION), int(tx * DEFAULT_HALO_FRACTION))
 
 
@@ -138,8 +142,8 @@ class TileGrid:
 
     def __init__(self, image_shape: Sequence[int], tile_shape: ShapeLike, halo: ShapeLike) -> None:
         height, width = int(image_shape[0]), int(image_shape[1])
-        tile = _pair(tile_shape, "tile_shape")
-        margin = _pair(halo, "halo")
+        tile = as_pair(tile_shape, "tile_shape")
+        margin = as_pair(halo, "halo")
         if height < 1 or width < 1:
             raise ValueError(f"The image must have at least one pixel, got shape {(height, width)}.")
         if min(tile) < 1:

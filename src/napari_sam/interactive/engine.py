@@ -31,6 +31,7 @@ import numpy as np
 
 from ..models.registry import ModelSpec
 from ..utils.image import to_rgb_uint8
+from ..tiling import as_pair
 from ..utils.labels import paint_masks
 from ..utils.progress import drain, relabel
 from .prompts import ObjectPrompt, SliceSpec
@@ -128,17 +129,6 @@ TILING_MODES = ("auto", "on", "off")
 Pair = tuple[int, int]
 
 
-def _pair_or_none(value: Any, name: str) -> Optional[Pair]:
-    if value is None:
-        return None
-    if isinstance(value, (int, np.integer)):
-        return (int(value), int(value))
-    items = tuple(int(v) for v in value)
-    if len(items) != 2:
-        raise ValueError(f"{name} must be None, an int or a (y, x) pair, got {value!r}.")
-    return (items[0], items[1])
-
-
 @dataclass(frozen=True)
 class TilingChoice:
     """Whether and how a slice is tiled: the "Tiling" setting of the widgets and ``segment()``.
@@ -162,8 +152,8 @@ class TilingChoice:
     def __post_init__(self) -> None:
         if self.mode not in TILING_MODES:
             raise ValueError(f"tiling must be one of {TILING_MODES}, got {self.mode!r}.")
-        object.__setattr__(self, "tile_shape", _pair_or_none(self.tile_shape, "tile_shape"))
-        object.__setattr__(self, "halo", _pair_or_none(self.halo, "halo"))
+        object.__setattr__(self, "tile_shape", as_pair(self.tile_shape, "tile_shape"))
+        object.__setattr__(self, "halo", as_pair(self.halo, "halo"))
 
     def resolve(self, plane_shape: Sequence[int], input_size: int, with_store: bool = False) -> Optional[tuple[Pair, Pair]]:
         """The (tile_shape, halo) to use on a slice of (H, W) ``plane_shape``, or None for the untiled path.
@@ -441,7 +431,7 @@ class SamEngine:
         from ..embedding_store import EmbeddingStore
 
         model = self.ensure_model()
-        tile, margin = _pair_or_none(tile_shape, "tile_shape"), _pair_or_none(halo, "halo")
+        tile, margin = as_pair(tile_shape, "tile_shape"), as_pair(halo, "halo")
         key = (os.path.abspath(os.fspath(path)), self.model_key, tile, margin, on_mismatch)
         with self.lock:
             store = self._stores.get(key)
